@@ -1,0 +1,382 @@
+"""Configuration: yacs defaults, file and command-line merging, derived values.
+
+Every key of the reference release (microsoft/Swin-Transformer) is here with its reference name and
+default, so reference config files load unchanged. Keys this framework adds are marked "Beyond the
+reference". The flow is always the same: defaults -> files (with their BASE files) -> command-line flags
+-> ``--opts`` -> :func:`finalize` (derived values) -> frozen.
+"""
+import ast
+import logging
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+import yaml
+from yacs.config import CfgNode as CN
+
+logger = logging.getLogger(__name__)
+
+# 22K pretraining always has this many classes; see finalize().
+IMAGENET22K_NUM_CLASSES = 21841
+
+_C = CN()
+_C.BASE = [""]  # config files merged before this one, paths relative to this file
+
+# -----------------------------------------------------------------------------
+# Data
+# -----------------------------------------------------------------------------
+_C.DATA = CN()
+_C.DATA.BATCH_SIZE = 128  # per process
+_C.DATA.DATA_PATH = ""
+_C.DATA.DATASET = "imagenet"  # imagenet | imagenet22K | folder
+_C.DATA.IMG_SIZE = 224
+_C.DATA.INTERPOLATION = "bicubic"  # random | bilinear | bicubic
+_C.DATA.ZIP_MODE = False  # read train.zip / val.zip with their map files
+_C.DATA.CACHE_MODE = "part"  # no | part | full (zip mode only)
+_C.DATA.PIN_MEMORY = True
+_C.DATA.NUM_WORKERS = 8
+# Beyond the reference:
+_C.DATA.MAX_BAD_FRACTION = 0.01  # stop when more than this fraction of the images read are unreadable
+_C.DATA.PREPARE_DIGITS = False  # write the scikit-learn digits demo set into DATA_PATH if it is missing
+
+# -----------------------------------------------------------------------------
+# Model
+# -----------------------------------------------------------------------------
+_C.MODEL = CN()
+_C.MODEL.TYPE = "swin"  # key of the model registry, see models/build.py
+_C.MODEL.NAME = "swin_tiny_patch4_window7_224"  # names the output folder
+_C.MODEL.PRETRAINED = ""  # checkpoint to fine-tune from (weights only)
+_C.MODEL.RESUME = ""  # training checkpoint to continue from (everything)
+_C.MODEL.NUM_CLASSES = 1000
+_C.MODEL.DROP_RATE = 0.0
+_C.MODEL.DROP_PATH_RATE = 0.1  # stochastic depth at the last block; grows linearly from 0
+_C.MODEL.LABEL_SMOOTHING = 0.1
+
+_C.MODEL.SWIN = CN()
+_C.MODEL.SWIN.PATCH_SIZE = 4
+_C.MODEL.SWIN.IN_CHANS = 3
+_C.MODEL.SWIN.EMBED_DIM = 96
+_C.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN.WINDOW_SIZE = 7
+_C.MODEL.SWIN.MLP_RATIO = 4.0
+_C.MODEL.SWIN.QKV_BIAS = True
+_C.MODEL.SWIN.QK_SCALE = None  # None: head_dim ** -0.5
+_C.MODEL.SWIN.APE = False  # absolute position embedding
+_C.MODEL.SWIN.PATCH_NORM = True
+# Beyond the reference:
+_C.MODEL.SWIN.ATTN_IMPL = "sdpa"  # sdpa (scaled_dot_product_attention) | explicit (softmax(q k^T + bias) v)
+
+# Beyond the reference:
+_C.MODEL.PRETRAINED_CLASS_MAP = ""  # text file: for each class of this model, the row of the pretrained head
+_C.MODEL.EMA = CN()
+_C.MODEL.EMA.ENABLE = False  # keep an exponential moving average of the weights (timm ModelEmaV3)
+_C.MODEL.EMA.DECAY = 0.9998
+
+# -----------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------
+_C.TRAIN = CN()
+_C.TRAIN.START_EPOCH = 0
+_C.TRAIN.EPOCHS = 300
+_C.TRAIN.WARMUP_EPOCHS = 20
+_C.TRAIN.WEIGHT_DECAY = 0.05
+_C.TRAIN.BASE_LR = 5e-4  # for a total batch of 512; scaled linearly in finalize()
+_C.TRAIN.WARMUP_LR = 5e-7
+_C.TRAIN.MIN_LR = 5e-6
+_C.TRAIN.CLIP_GRAD = 5.0  # max gradient norm; 0 disables clipping
+_C.TRAIN.AUTO_RESUME = True  # continue from the newest valid checkpoint in the output folder
+_C.TRAIN.ACCUMULATION_STEPS = 1
+_C.TRAIN.USE_CHECKPOINT = False  # gradient checkpointing per block
+
+_C.TRAIN.LR_SCHEDULER = CN()
+_C.TRAIN.LR_SCHEDULER.NAME = "cosine"  # cosine | linear | step | multistep
+_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30  # step: epochs between decays
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1  # step: factor per decay
+_C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True  # the decay starts after warmup instead of at step 0
+_C.TRAIN.LR_SCHEDULER.GAMMA = 0.1  # multistep: factor per milestone
+_C.TRAIN.LR_SCHEDULER.MULTISTEPS = []  # multistep: milestone epochs
+
+_C.TRAIN.OPTIMIZER = CN()
+_C.TRAIN.OPTIMIZER.NAME = "adamw"  # adamw | sgd
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9  # sgd only
+
+_C.TRAIN.LAYER_DECAY = 1.0  # layer-wise learning-rate decay for fine-tuning; 1.0 is off
+
+# Beyond the reference:
+_C.TRAIN.SAVE_ITERS = 0  # also save every this many optimizer steps (0: only at epoch ends)
+_C.TRAIN.KEEP_CHECKPOINTS = 3  # newest checkpoints kept, plus the best
+_C.TRAIN.MAX_SKIPPED_STEPS = 20  # float16: stop after this many skipped (non-finite) steps in a row
+_C.TRAIN.COMPILE = False  # torch.compile the model before DDP wrapping
+
+# -----------------------------------------------------------------------------
+# Augmentation
+# -----------------------------------------------------------------------------
+_C.AUG = CN()
+_C.AUG.COLOR_JITTER = 0.4
+_C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # timm policy string; "none" disables
+_C.AUG.REPROB = 0.25  # random erasing probability
+_C.AUG.REMODE = "pixel"
+_C.AUG.RECOUNT = 1
+_C.AUG.MIXUP = 0.8  # mixup alpha; 0 disables
+_C.AUG.CUTMIX = 1.0  # cutmix alpha; 0 disables
+_C.AUG.CUTMIX_MINMAX = None
+_C.AUG.MIXUP_PROB = 1.0
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+_C.AUG.MIXUP_MODE = "batch"  # batch | pair | elem
+
+# -----------------------------------------------------------------------------
+# Testing
+# -----------------------------------------------------------------------------
+_C.TEST = CN()
+_C.TEST.CROP = True  # resize to 256/224 of the size, then center crop; else resize to the size
+_C.TEST.SEQUENTIAL = False
+_C.TEST.SHUFFLE = False
+# Beyond the reference:
+_C.TEST.AMP_ENABLE = None  # validation precision; None follows AMP_ENABLE
+
+# -----------------------------------------------------------------------------
+# Misc
+# -----------------------------------------------------------------------------
+_C.ENABLE_AMP = False  # reference alias of AMP_ENABLE, kept so old files load
+_C.AMP_ENABLE = True  # mixed precision
+_C.AMP_OPT_LEVEL = ""  # deprecated apex setting; only "O0" has an effect (disables AMP)
+_C.OUTPUT = "output"  # root; the run writes to OUTPUT/MODEL.NAME/TAG
+_C.TAG = "default"
+_C.SAVE_FREQ = 1  # epochs between checkpoints
+_C.PRINT_FREQ = 10  # steps between progress lines
+_C.SEED = 0
+_C.EVAL_MODE = False
+_C.THROUGHPUT_MODE = False
+_C.LOCAL_RANK = 0
+_C.FUSED_WINDOW_PROCESS = False  # fused roll + window partition kernel, see kernels/window_process
+_C.FUSED_LAYERNORM = False  # accepted for compatibility: torch's LayerNorm is already one fused kernel
+# Beyond the reference:
+_C.AMP_DTYPE = "bfloat16"  # float16 (with a gradient scaler) | bfloat16
+
+
+class ConfigError(ValueError):
+    """A config file, flag or value that cannot be used; the message says where and how to fix it."""
+
+
+# Command-line flag (argparse dest) -> (config key, value to set; None means the flag's own value).
+FLAG_TO_KEY = {
+    "batch_size": ("DATA.BATCH_SIZE", None),
+    "data_path": ("DATA.DATA_PATH", None),
+    "zip": ("DATA.ZIP_MODE", True),
+    "cache_mode": ("DATA.CACHE_MODE", None),
+    "pretrained": ("MODEL.PRETRAINED", None),
+    "resume": ("MODEL.RESUME", None),
+    "accumulation_steps": ("TRAIN.ACCUMULATION_STEPS", None),
+    "use_checkpoint": ("TRAIN.USE_CHECKPOINT", True),
+    "amp_opt_level": ("AMP_OPT_LEVEL", None),
+    "disable_amp": ("AMP_ENABLE", False),
+    "amp_dtype": ("AMP_DTYPE", None),
+    "output": ("OUTPUT", None),
+    "tag": ("TAG", None),
+    "eval": ("EVAL_MODE", True),
+    "throughput": ("THROUGHPUT_MODE", True),
+    "fused_window_process": ("FUSED_WINDOW_PROCESS", True),
+    "fused_layernorm": ("FUSED_LAYERNORM", True),
+    "optim": ("TRAIN.OPTIMIZER.NAME", None),
+    "compile": ("TRAIN.COMPILE", True),
+    "local_rank": ("LOCAL_RANK", None),
+}
+
+
+def get_defaults() -> CN:
+    """A fresh, unfrozen copy of the defaults."""
+    return _C.clone()
+
+
+def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
+    """Checks ``value`` against the default's type; ints are accepted for floats, lists for tuples."""
+    if default is None or value is None or type(value) is type(default):
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    raise ConfigError(
+        f"{source}: {key} must be of type {type(default).__name__} like its default {default!r}, "
+        f"got {value!r} ({type(value).__name__})")
+
+
+def _merge(node: CN, values: dict, source: str, prefix: str = "") -> None:
+    """Merges a plain dict into ``node`` recursively, naming ``source`` in every error."""
+    for name, value in values.items():
+        key = prefix + name
+        if name == "BASE" and not prefix:
+            continue
+        if name not in node:
+            raise ConfigError(f"{source}: unknown config key {key}. Check its spelling against config.py.")
+        if isinstance(node[name], CN):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {key} is a section and needs a mapping of keys, got {value!r}")
+            _merge(node[name], value, source, key + ".")
+        else:
+            node[name] = _coerce(value, node[name], key, source)
+
+
+def _decode(value: Any) -> Any:
+    """Turns strings that spell Python literals (1e-3, [2, 2], None) into values, as yacs does."""
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, str):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    return value
+
+
+def merge_file(config: CN, path: str, _chain: Sequence[str] = ()) -> None:
+    """Merges a YAML file into ``config``, its BASE files first (relative to the file).
+
+    Raises:
+        ConfigError: a missing file, an include cycle, an unknown key or a value of the wrong type.
+    """
+    path = os.path.abspath(path)
+    if path in _chain:
+        cycle = " -> ".join(list(_chain) + [path])
+        raise ConfigError(f"config files include each other in a cycle: {cycle}")
+    if not os.path.isfile(path):
+        included_by = f" (listed in BASE of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file not found: {path}{included_by}")
+    with open(path) as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of KEY: value, got {type(values).__name__}")
+    for base in values.get("BASE", [""]) or []:
+        if base:
+            merge_file(config, os.path.join(os.path.dirname(path), base), list(_chain) + [path])
+    _merge(config, _decode(values), path)
+
+
+def _lookup(config: CN, key: str) -> Any:
+    """The current value at a dotted key, or None where the key does not exist."""
+    node = config
+    for name in key.split("."):
+        if not isinstance(node, CN) or name not in node:
+            return None
+        node = node[name]
+    return node
+
+
+def merge_opts(config: CN, opts: Sequence[str], source: str = "--opts") -> None:
+    """Merges ``KEY VALUE`` pairs such as ``("TRAIN.EPOCHS", "30")``."""
+    if len(opts) % 2:
+        raise ConfigError(f"{source}: expects KEY VALUE pairs, got an odd number of items: {list(opts)}")
+    for key, text in zip(opts[0::2], opts[1::2]):
+        *parents, name = key.split(".")
+        value = _decode(text)
+        if isinstance(_lookup(config, key), str) and not isinstance(value, str):
+            value = text  # a string key takes the text as written, e.g. TAG 2024
+        values: dict = {name: value}
+        for parent in reversed(parents):
+            values = {parent: values}
+        _merge(config, values, source)
+
+
+def merge_args(config: CN, args: Any) -> None:
+    """Applies command-line flags through :data:`FLAG_TO_KEY`; flags left unset change nothing."""
+    for flag, (key, value) in FLAG_TO_KEY.items():
+        given = getattr(args, flag, None)
+        if given is None or given is False:
+            continue
+        merge_opts(config, [key, repr(given if value is None else value)], source=f"--{flag}")
+    if getattr(args, "opts", None):
+        merge_opts(config, args.opts)
+
+
+def _check(config: CN) -> None:
+    """Rejects values that would fail later, with the key and a way to fix it."""
+    positive = {
+        "DATA.BATCH_SIZE": config.DATA.BATCH_SIZE,
+        "DATA.IMG_SIZE": config.DATA.IMG_SIZE,
+        "TRAIN.ACCUMULATION_STEPS": config.TRAIN.ACCUMULATION_STEPS,
+        "MODEL.NUM_CLASSES": config.MODEL.NUM_CLASSES,
+        "MODEL.SWIN.WINDOW_SIZE": config.MODEL.SWIN.WINDOW_SIZE,
+        "MODEL.SWIN.PATCH_SIZE": config.MODEL.SWIN.PATCH_SIZE,
+        "SAVE_FREQ": config.SAVE_FREQ,
+        "PRINT_FREQ": config.PRINT_FREQ,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be a positive number, got {value}")
+    if config.DATA.NUM_WORKERS < 0:
+        raise ConfigError(f"DATA.NUM_WORKERS must be 0 or more, got {config.DATA.NUM_WORKERS}")
+    choices = {
+        "DATA.DATASET": (config.DATA.DATASET, ("imagenet", "imagenet22K", "folder")),
+        "DATA.CACHE_MODE": (config.DATA.CACHE_MODE, ("no", "part", "full")),
+        "AMP_DTYPE": (config.AMP_DTYPE, ("float16", "bfloat16")),
+        "MODEL.SWIN.ATTN_IMPL": (config.MODEL.SWIN.ATTN_IMPL, ("sdpa", "explicit")),
+    }
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ConfigError(f"{key} must be one of {', '.join(valid)}; got {value!r}")
+    swin = config.MODEL.SWIN
+    if len(swin.DEPTHS) != len(swin.NUM_HEADS):
+        raise ConfigError(f"MODEL.SWIN.DEPTHS {swin.DEPTHS} and MODEL.SWIN.NUM_HEADS {swin.NUM_HEADS} "
+                          "need one entry per stage each")
+
+
+def finalize(config: CN, world_size: int = 1) -> CN:
+    """Computes every derived value, checks the result and freezes the config for good.
+
+    Derived: the effective learning rates (scaled linearly by the global batch over 512, as the
+    reference does), the output folder ``OUTPUT/MODEL.NAME/TAG``, AMP from its deprecated aliases and
+    the 22K class count.
+    """
+    _check(config)
+    if config.ENABLE_AMP:
+        config.AMP_ENABLE = True
+    if config.AMP_OPT_LEVEL == "O0":
+        config.AMP_ENABLE = False
+    if config.TEST.AMP_ENABLE is None:
+        config.TEST.AMP_ENABLE = config.AMP_ENABLE
+    if config.DATA.DATASET == "imagenet22K" and config.MODEL.NUM_CLASSES == _C.MODEL.NUM_CLASSES:
+        # Reference 22K configs leave NUM_CLASSES at its default and rely on the data to set it.
+        config.MODEL.NUM_CLASSES = IMAGENET22K_NUM_CLASSES
+    scale = config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS / 512.0
+    config.TRAIN.BASE_LR *= scale
+    config.TRAIN.WARMUP_LR *= scale
+    config.TRAIN.MIN_LR *= scale
+    config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    config.freeze()
+    return config
+
+
+def load_config(path: Optional[str] = None, opts: Iterable[str] = (), args: Any = None,
+                world_size: int = 1) -> CN:
+    """Builds the frozen config: defaults, the file at ``path``, flags in ``args``, ``opts`` overrides.
+
+    Args:
+        path: YAML file (None: defaults only).
+        opts: ``KEY VALUE`` overrides applied last.
+        args: parsed command-line flags (see :data:`FLAG_TO_KEY`), or None.
+        world_size: number of processes, for the learning-rate scaling.
+    """
+    config = get_defaults()
+    if path:
+        merge_file(config, path)
+    if args is not None:
+        merge_args(config, args)
+    merge_opts(config, list(opts))
+    return finalize(config, world_size)
+
+
+def to_yaml(config: CN) -> str:
+    """The resolved config as YAML text (for the output folder and checkpoints)."""
+    return config.dump()
+
+
+def from_yaml(text: str) -> CN:
+    """Reads back a config written by :func:`to_yaml`, frozen."""
+    config = CN(yaml.safe_load(text))
+    config.freeze()
+    return config

@@ -1,0 +1,42 @@
+"""Model registry: ``MODEL.TYPE`` -> a builder that reads its own config section."""
+import logging
+from typing import Callable, Dict
+
+from torch import nn
+from yacs.config import CfgNode
+
+from models.swin_transformer import SwinTransformer
+
+logger = logging.getLogger(__name__)
+
+_BUILDERS: Dict[str, Callable[[CfgNode], nn.Module]] = {}
+
+
+def register_model(model_type: str) -> Callable:
+    """Decorator: registers ``builder(config) -> nn.Module`` under ``model_type``."""
+    def wrap(builder: Callable[[CfgNode], nn.Module]) -> Callable[[CfgNode], nn.Module]:
+        if model_type in _BUILDERS:
+            raise ValueError(f"model type {model_type!r} is registered twice")
+        _BUILDERS[model_type] = builder
+        return builder
+    return wrap
+
+
+def build_model(config: CfgNode) -> nn.Module:
+    """The model named by ``config.MODEL.TYPE``, randomly initialised."""
+    model_type = config.MODEL.TYPE
+    if model_type not in _BUILDERS:
+        raise ValueError(f"unknown MODEL.TYPE {model_type!r}; registered types: {', '.join(sorted(_BUILDERS))}")
+    return _BUILDERS[model_type](config)
+
+
+@register_model("swin")
+def build_swin(config: CfgNode) -> SwinTransformer:
+    swin = config.MODEL.SWIN
+    return SwinTransformer(
+        img_size=config.DATA.IMG_SIZE, patch_size=swin.PATCH_SIZE, in_chans=swin.IN_CHANS,
+        num_classes=config.MODEL.NUM_CLASSES, embed_dim=swin.EMBED_DIM, depths=swin.DEPTHS,
+        num_heads=swin.NUM_HEADS, window_size=swin.WINDOW_SIZE, mlp_ratio=swin.MLP_RATIO, qkv_bias=swin.QKV_BIAS,
+        qk_scale=swin.QK_SCALE, drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE,
+        ape=swin.APE, patch_norm=swin.PATCH_NORM, use_checkpoint=config.TRAIN.USE_CHECKPOINT,
+        attn_impl=swin.ATTN_IMPL, fused_window_process=config.FUSED_WINDOW_PROCESS)

@@ -1,0 +1,507 @@
+"""Swin Transformer V1 (Liu et al., ICCV 2021), with the parameter names of the released checkpoints.
+
+Feature maps travel between modules as (B, H, W, C). Any input size works: each block pads its map to a
+multiple of its window and crops back, with attention masks built for the actual size and cached.
+"""
+import logging
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Added to the attention logits of token pairs that must not attend to each other. The reference uses
+# -100 rather than -inf: exp(-100) is 0 in every float format, and a fully masked row stays finite.
+MASK_VALUE = -100.0
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Cuts a map into non-overlapping windows.
+
+    Args:
+        x: (B, H, W, C), H and W multiples of ``window_size``.
+
+    Returns:
+        (B * nW, window_size, window_size, C), windows ordered by image, then row, then column.
+    """
+    B, H, W, C = x.shape
+    x = x.view(B, H // window_size, window_size, W // window_size, window_size, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, C)
+
+
+def window_reverse(windows: torch.Tensor, window_size: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: (B * nW, ws, ws, C) -> (B, H, W, C)."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // window_size, W // window_size, window_size, window_size, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+
+
+def relative_position_index(window_size: int) -> torch.Tensor:
+    """For each pair of tokens of a window, the row of the relative position bias table: (N, N), N = ws*ws."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij"))
+    coords = coords.flatten(1)  # (2, N)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2), range -(ws-1)..ws-1
+    relative = relative + (window_size - 1)
+    return relative[:, :, 0] * (2 * window_size - 1) + relative[:, :, 1]
+
+
+def shifted_window_mask(height: int, width: int, window_size: int, shift_size: int,
+                        valid_height: int, valid_width: int) -> Optional[torch.Tensor]:
+    """The additive attention mask of one stage's windows, or None when nothing needs masking.
+
+    After the cyclic shift a window can hold tokens from up to four regions of the original map that are
+    not neighbours; pairs from different regions get ``MASK_VALUE``. Tokens added by padding
+    (rows >= valid_height or columns >= valid_width before the shift) are masked as keys.
+
+    Args:
+        height, width: size of the padded map, multiples of ``window_size``.
+        valid_height, valid_width: size of the map before padding.
+
+    Returns:
+        (nW, N, N) float mask, or None when there is no shift and no padding.
+    """
+    if shift_size == 0 and valid_height == height and valid_width == width:
+        return None
+    region = torch.zeros(height, width)
+    if shift_size > 0:
+        label = 0
+        bounds = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
+        for h in bounds:
+            for w in bounds:
+                region[h, w] = label
+                label += 1
+    padded = torch.ones(height, width, dtype=torch.bool)
+    padded[:valid_height, :valid_width] = False
+    padded = torch.roll(padded, shifts=(-shift_size, -shift_size), dims=(0, 1))
+    region = window_partition(region[None, :, :, None], window_size).flatten(1)  # (nW, N)
+    padded = window_partition(padded[None, :, :, None], window_size).flatten(1)
+    masked = (region[:, :, None] != region[:, None, :]) | padded[:, None, :]
+    return torch.zeros(masked.shape).masked_fill(masked, MASK_VALUE)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows, with a learned relative position bias.
+
+    Args:
+        dim: channels.
+        window_size: side of the square window.
+        num_heads: attention heads.
+        qkv_bias: learn a bias for query, key and value.
+        qk_scale: logit scale; None means head_dim ** -0.5.
+        attn_drop, proj_drop: dropout rates.
+        attn_impl: "sdpa" (scaled_dot_product_attention, bias and mask folded into one additive mask)
+            or "explicit" (softmax written out).
+    """
+
+    def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 attn_impl: str = "sdpa"):
+        super().__init__()
+        if attn_impl not in ("sdpa", "explicit"):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'explicit', got {attn_impl!r}")
+        self.dim = dim
+        self.window_size = window_size
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.attn_impl = attn_impl
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """(num_heads, N, N) bias gathered from the table."""
+        N = self.window_size ** 2
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(N, N, self.num_heads).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention within each window.
+
+        Args:
+            x: (B * nW, N, C) tokens of each window.
+            mask: (nW, N, N) additive mask shared by all images, or None.
+
+        Returns:
+            (B * nW, N, C).
+        """
+        BnW, N, C = x.shape
+        head_dim = C // self.num_heads
+        qkv = self.qkv(x).reshape(BnW, N, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B * nW, nH, N, d)
+        bias = self.relative_position_bias()
+        if self.attn_impl == "sdpa":
+            x = self._sdpa(q, k, v, bias, mask)
+        else:
+            x = self._explicit(q, k, v, bias, mask)
+        x = x.transpose(1, 2).reshape(BnW, N, C)
+        return self.proj_drop(self.proj(x))
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+              mask: Optional[torch.Tensor]) -> torch.Tensor:
+        BnW, nH, N, d = q.shape
+        dropout = self.attn_drop.p if self.training else 0.0
+        if mask is None:
+            attn_mask = bias.unsqueeze(0).to(q.dtype)  # (1, nH, N, N)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=self.scale)
+        # Fold windows and heads into one axis so one (1, nW * nH, N, N) mask serves every image
+        # and SDPA still sees the 4-D inputs its fused kernels need.
+        nW = mask.shape[0]
+        attn_mask = (bias.unsqueeze(0) + mask.unsqueeze(1)).reshape(1, nW * nH, N, N).to(q.dtype)
+        q, k, v = (t.reshape(BnW // nW, nW * nH, N, d) for t in (q, k, v))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=self.scale)
+        return x.view(BnW, nH, N, d)
+
+    def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                  mask: Optional[torch.Tensor]) -> torch.Tensor:
+        BnW, nH, N, _ = q.shape
+        attn = (q * self.scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)
+        if mask is not None:
+            nW = mask.shape[0]
+            attn = attn.view(BnW // nW, nW, nH, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(BnW, nH, N, N)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        return attn @ v
+
+    def flops(self, N: int) -> int:
+        """Multiply-accumulates for one window of ``N`` tokens (reference convention)."""
+        head_dim = self.dim // self.num_heads
+        return (N * self.dim * 3 * self.dim + 2 * self.num_heads * N * head_dim * N + N * self.dim * self.dim)
+
+
+class SwinTransformerBlock(nn.Module):
+    """Norm -> (shifted) window attention -> residual, norm -> MLP -> residual.
+
+    Args:
+        dim: channels.
+        num_heads: attention heads.
+        window_size: window side (already clamped to the stage resolution by the stage).
+        shift_size: cyclic shift; 0 for W-MSA blocks.
+        mlp_ratio: MLP hidden size over ``dim``.
+        drop_path: stochastic depth rate of this block.
+        fused_window_process: roll + partition with the fused kernel where it is available.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift_size: int = 0,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, attn_impl: str = "sdpa",
+                 fused_window_process: bool = False):
+        super().__init__()
+        if not 0 <= shift_size < window_size:
+            raise ValueError(f"shift_size must be in [0, window_size), got {shift_size} for window {window_size}")
+        self.dim = dim
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.mlp_ratio = mlp_ratio
+        self.fused_window_process = fused_window_process
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop, attn_impl)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+
+    def _partition(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Hp, Wp, C) -> shifted windows (B * nW, ws, ws, C)."""
+        if self._use_fused(x):
+            from kernels.window_process import roll_and_window_partition
+            return roll_and_window_partition(x, self.shift_size, self.window_size)
+        if self.shift_size:
+            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
+        return window_partition(x, self.window_size)
+
+    def _merge(self, windows: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
+        """Inverse of :meth:`_partition`."""
+        if self._use_fused(windows):
+            from kernels.window_process import window_merge_and_roll
+            return window_merge_and_roll(windows, B, H, W, self.shift_size, self.window_size)
+        x = window_reverse(windows, self.window_size, H, W)
+        if self.shift_size:
+            x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        return x
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        if not self.fused_window_process:
+            return False
+        from kernels.window_process import is_available
+        return is_available(x.device)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Args:
+            x: (B, H, W, C).
+            mask: (nW, N, N) mask of the padded, shifted map (see :func:`shifted_window_mask`), or None.
+
+        Returns:
+            (B, H, W, C).
+        """
+        B, H, W, C = x.shape
+        ws = self.window_size
+        shortcut = x
+        x = self.norm1(x)
+        pad_h, pad_w = (ws - H % ws) % ws, (ws - W % ws) % ws
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
+        windows = self._partition(x).view(-1, ws * ws, C)
+        windows = self.attn(windows, mask).view(-1, ws, ws, C)
+        x = self._merge(windows, B, Hp, Wp)
+        if pad_h or pad_w:
+            x = x[:, :H, :W, :].contiguous()
+        x = shortcut + self.drop_path(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def flops(self, H: int, W: int) -> float:
+        """Multiply-accumulates at map size H x W (reference convention: LayerNorm counts 1 per element)."""
+        num_windows = H * W / self.window_size / self.window_size
+        return (2 * self.dim * H * W + num_windows * self.attn.flops(self.window_size ** 2)
+                + 2 * H * W * self.dim * self.dim * self.mlp_ratio)
+
+
+class PatchMerging(nn.Module):
+    """Concatenates each 2x2 neighbourhood and projects 4C -> 2C, halving H and W (odd sizes are padded)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
+        _, H, W, _ = x.shape
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        # The channel order (even/odd rows within even columns, then odd columns) is what the released
+        # weights of `reduction` expect.
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
+
+    def flops(self, H: int, W: int) -> int:
+        return H * W * self.dim + (H // 2) * (W // 2) * 4 * self.dim * 2 * self.dim
+
+
+class BasicLayer(nn.Module):
+    """One stage: ``depth`` blocks alternating W-MSA and SW-MSA, then optional patch merging.
+
+    Args:
+        dim: channels.
+        input_resolution: (H, W) of the map at the configured image size; fixes the window and shift.
+        depth: blocks.
+        drop_path: stochastic depth rate of each block.
+        downsample: end the stage with patch merging.
+        use_checkpoint: gradient checkpointing per block.
+    """
+
+    def __init__(self, dim: int, input_resolution: Tuple[int, int], depth: int, num_heads: int, window_size: int,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: Sequence[float] = (), downsample: bool = False,
+                 use_checkpoint: bool = False, attn_impl: str = "sdpa", fused_window_process: bool = False):
+        super().__init__()
+        self.dim = dim
+        self.input_resolution = tuple(input_resolution)
+        self.use_checkpoint = use_checkpoint
+        # A window larger than the map would only attend to padding: shrink it and do not shift.
+        if min(self.input_resolution) <= window_size:
+            window_size = min(self.input_resolution)
+            shift_size = 0
+        else:
+            shift_size = window_size // 2
+        self.window_size = window_size
+        self.shift_size = shift_size
+        drop_path = list(drop_path) or [0.0] * depth
+        self.blocks = nn.ModuleList([
+            SwinTransformerBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else shift_size, mlp_ratio, qkv_bias,
+                                 qk_scale, drop, attn_drop, drop_path[i], attn_impl, fused_window_process)
+            for i in range(depth)])
+        self.downsample = PatchMerging(dim) if downsample else None
+        H, W = self.input_resolution
+        self.register_buffer("attn_mask", self._build_mask(H, W, shift_size), persistent=False)
+        self._mask_cache: Dict[Tuple[int, int, int, torch.device], Optional[torch.Tensor]] = {}
+
+    def _build_mask(self, H: int, W: int, shift_size: int) -> Optional[torch.Tensor]:
+        ws = self.window_size
+        Hp, Wp = math.ceil(H / ws) * ws, math.ceil(W / ws) * ws
+        return shifted_window_mask(Hp, Wp, ws, shift_size, H, W)
+
+    def masks(self, H: int, W: int, device: torch.device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Masks of the unshifted and the shifted blocks for a map of H x W; built once per size."""
+        ws = self.window_size
+        if (H, W) == self.input_resolution and H % ws == 0 and W % ws == 0:
+            return None, self.attn_mask
+        masks = []
+        for shift in (0, self.shift_size):
+            key = (H, W, shift, device)
+            if key not in self._mask_cache:
+                mask = self._build_mask(H, W, shift)
+                self._mask_cache[key] = None if mask is None else mask.to(device)
+            masks.append(self._mask_cache[key])
+        return masks[0], masks[1]
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C) through the blocks, without patch merging."""
+        _, H, W, _ = x.shape
+        unshifted_mask, shifted_mask = self.masks(H, W, x.device)
+        for block in self.blocks:
+            mask = shifted_mask if block.shift_size else unshifted_mask
+            if self.use_checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H', W', C'), halved and doubled when the stage downsamples."""
+        x = self.forward_blocks(x)
+        return x if self.downsample is None else self.downsample(x)
+
+    def flops(self) -> float:
+        H, W = self.input_resolution
+        flops = sum(block.flops(H, W) for block in self.blocks)
+        return flops + (self.downsample.flops(H, W) if self.downsample is not None else 0)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens: (B, C_in, H, W) -> (B, H/p, W/p, embed_dim), padding H, W up to p."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96,
+                 patch_norm: bool = True):
+        super().__init__()
+        self.patch_size = patch_size
+        self.patches_resolution = (img_size // patch_size, img_size // patch_size)
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim) if patch_norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, H, W = x.shape
+        p = self.patch_size
+        if H < p or W < p:
+            raise ValueError(f"input of {H}x{W} pixels is smaller than one {p}x{p} patch")
+        if H % p or W % p:
+            x = F.pad(x, (0, (p - W % p) % p, 0, (p - H % p) % p))
+        x = self.proj(x).permute(0, 2, 3, 1)
+        return x if self.norm is None else self.norm(x)
+
+    def flops(self) -> int:
+        Ho, Wo = self.patches_resolution
+        flops = Ho * Wo * self.embed_dim * self.in_chans * self.patch_size ** 2
+        return flops + (Ho * Wo * self.embed_dim if self.norm is not None else 0)
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer V1 classifier; argument names are those of the reference constructor.
+
+    Args:
+        img_size: configured input size; fixes the stage resolutions, windows and position embedding.
+        patch_size, in_chans, num_classes, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias,
+        qk_scale, drop_rate, attn_drop_rate, drop_path_rate, ape, patch_norm, use_checkpoint: as the reference.
+        attn_impl: "sdpa" or "explicit" attention.
+        fused_window_process: use the fused roll + partition kernel where it is available.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
+                 window_size: int = 7, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1, ape: bool = False, patch_norm: bool = True,
+                 use_checkpoint: bool = False, attn_impl: str = "sdpa", fused_window_process: bool = False):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.ape = ape
+        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, patch_norm)
+        res = self.patch_embed.patches_resolution
+        if ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, res[0] * res[1], embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=0.02)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # grows linearly over all blocks
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            self.layers.append(BasicLayer(
+                dim=int(embed_dim * 2 ** i), input_resolution=(res[0] // 2 ** i, res[1] // 2 ** i), depth=depth,
+                num_heads=num_heads[i], window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
+                drop_path=rates[sum(depths[:i]):sum(depths[:i + 1])], downsample=i < self.num_layers - 1,
+                use_checkpoint=use_checkpoint, attn_impl=attn_impl, fused_window_process=fused_window_process))
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def no_weight_decay(self) -> set:
+        """Parameter names exempt from weight decay."""
+        return {"absolute_pos_embed"}
+
+    def no_weight_decay_keywords(self) -> set:
+        """Name fragments whose parameters are exempt from weight decay."""
+        return {"relative_position_bias_table"}
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, H/p, W/p, C) tokens with the position embedding added."""
+        x = self.patch_embed(x)
+        if self.ape:
+            x = x + self._position_embedding(x.shape[1], x.shape[2])
+        return self.pos_drop(x)
+
+    def _position_embedding(self, H: int, W: int) -> torch.Tensor:
+        """The absolute position embedding as (1, H, W, C), resized bicubically for other input sizes."""
+        h0, w0 = self.patch_embed.patches_resolution
+        pos = self.absolute_pos_embed.view(1, h0, w0, -1)
+        if (H, W) == (h0, w0):
+            return pos
+        pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode="bicubic", align_corners=False)
+        return pos.permute(0, 2, 3, 1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) images -> (B, H', W', num_features) normalised last-stage map."""
+        x = self._embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, H', W', C) -> (B, num_classes) logits, or the pooled (B, C) features with ``pre_logits``."""
+        x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_stage_features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Each stage's output map before its patch merging, as (B, C_i, H_i, W_i), for dense tasks."""
+        x = self._embed(x)
+        features = []
+        for layer in self.layers:
+            x = layer.forward_blocks(x)
+            features.append(x.permute(0, 3, 1, 2))
+            if layer.downsample is not None:
+                x = layer.downsample(x)
+        return features
+
+    def flops(self) -> float:
+        """Multiply-accumulates at the configured size, in the reference convention."""
+        H, W = self.patch_embed.patches_resolution
+        flops = self.patch_embed.flops() + sum(layer.flops() for layer in self.layers)
+        # The reference counts the final norm over H*W / 2**num_layers tokens; kept so figures match.
+        flops += self.num_features * H * W // (2 ** self.num_layers)
+        return flops + self.num_features * self.num_classes
