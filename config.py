@@ -376,7 +376,8 @@ def to_yaml(config: CN) -> str:
 
 
 def from_yaml(text: str) -> CN:
-    """Reads back a config written by :func:`to_yaml`, frozen."""
-    config = CN(yaml.safe_load(text))
+    """Reads back a config written by :func:`to_yaml` (already finalized), frozen."""
+    config = get_defaults()
+    _merge(config, yaml.safe_load(text), "saved config")
     config.freeze()
     return config

@@ -425,7 +425,7 @@ class SwinTransformer(nn.Module):
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, res[0] * res[1], embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(p=drop_rate)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # grows linearly over all blocks
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # grows linearly over all blocks
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
             self.layers.append(BasicLayer(
