@@ -1,9 +1,10 @@
 """Loading state dicts from released and foreign checkpoints into our models."""
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -71,3 +72,136 @@ def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor
     if report.missing or report.unexpected:
         logger.warning("loading %s: %s", source, report.summary())
     return report
+
+
+def is_timm_layout(state_dict: Dict[str, torch.Tensor]) -> bool:
+    """timm's Swin puts patch merging at the start of the next stage and names the head ``head.fc``."""
+    has_downsample = any(".downsample." in k for k in state_dict)
+    first_stage_downsamples = any(k.startswith("layers.0.downsample.") for k in state_dict)
+    return any(k.startswith("head.fc.") for k in state_dict) or (has_downsample and not first_stage_downsamples)
+
+
+def _shift_downsample(key: str, offset: int) -> str:
+    parts = key.split(".")
+    if len(parts) > 2 and parts[0] == "layers" and parts[2] == "downsample":
+        parts[1] = str(int(parts[1]) + offset)
+    return ".".join(parts)
+
+
+def timm_to_ours(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Renames a timm Swin state dict to the reference layout used here."""
+    converted = {}
+    for key, value in state_dict.items():
+        key = _shift_downsample(key, -1)
+        if key.startswith("head.fc."):
+            key = "head." + key[len("head.fc."):]
+        converted[key] = value
+    return converted
+
+
+def ours_to_timm(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Renames a reference-layout state dict to timm's Swin layout (derived buffers dropped).
+
+    Raises:
+        ValueError: the model uses an absolute position embedding, which timm's Swin does not have.
+    """
+    state_dict, _ = drop_derived_buffers(state_dict)
+    if "absolute_pos_embed" in state_dict:
+        raise ValueError("timm's Swin Transformer has no absolute position embedding (APE); "
+                         "a model trained with MODEL.SWIN.APE True cannot be converted")
+    converted = {}
+    for key, value in state_dict.items():
+        key = _shift_downsample(key, 1)
+        if key.startswith("head."):
+            key = "head.fc." + key[len("head."):]
+        converted[key] = value
+    return converted
+
+
+def resize_relative_position_bias_table(table: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Bicubic resize of a ((2w-1)^2, heads) table to another window, each head separately."""
+    old_side = int(round(table.shape[0] ** 0.5))
+    new_side = 2 * window_size - 1
+    if old_side == new_side:
+        return table
+    heads = table.shape[1]
+    grid = table.T.reshape(1, heads, old_side, old_side).float()
+    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    return grid.reshape(heads, new_side * new_side).T.contiguous().to(table.dtype)
+
+
+def resize_absolute_pos_embed(pos: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubic resize of a (1, h*w, C) absolute position embedding (square source grid) to height x width."""
+    side = int(round(pos.shape[1] ** 0.5))
+    if side * side == height * width and side == height:
+        return pos
+    grid = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, height * width, -1).to(pos.dtype)
+
+
+def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module,
+                     class_map: Optional[List[int]] = None) -> Tuple[Dict[str, torch.Tensor], LoadReport]:
+    """Fits a pretrained Swin state dict to ``model`` for fine-tuning.
+
+    Derived buffers are dropped; relative position bias tables and the absolute position embedding
+    are resized bicubically to the model's windows and resolution; the head takes the rows in
+    ``class_map`` (one pretrained row per class of the model) or, when its size differs and there is
+    no map, is left freshly initialised with a warning.
+
+    Raises:
+        ValueError: an unexpected learned key, a missing one other than the head, or a shape that
+            cannot be adapted.
+    """
+    if is_timm_layout(state_dict):
+        state_dict = timm_to_ours(state_dict)
+    state_dict, dropped = drop_derived_buffers(state_dict)
+    own = model.state_dict()
+    report = LoadReport(dropped_derived=dropped)
+    adapted: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key not in own:
+            report.unexpected.append(key)
+            continue
+        target = own[key].shape
+        if key.endswith("relative_position_bias_table") and value.shape != target:
+            window = int(round((target[0] ** 0.5 + 1) / 2))
+            if value.shape[1] != target[1]:
+                raise ValueError(f"{key}: {value.shape[1]} heads in the checkpoint, {target[1]} in the model")
+            value = resize_relative_position_bias_table(value, window)
+            report.resized.append(key)
+        elif key == "absolute_pos_embed" and value.shape != target:
+            height, width = model.patch_embed.patches_resolution
+            value = resize_absolute_pos_embed(value, height, width)
+            report.resized.append(key)
+        elif key.startswith("head.") and value.shape != target:
+            value = _adapt_head(key, value, target, class_map, report)
+            if value is None:
+                continue
+        if value.shape != target:
+            raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} cannot be adapted to the model's "
+                             f"{tuple(target)}; is it another architecture? check MODEL.SWIN.*")
+        adapted[key] = value
+    report.missing = [k for k in own if k not in adapted and k not in report.reinitialised]
+    if report.unexpected or report.missing:
+        raise ValueError(f"pretrained weights do not fit this model: unexpected {report.unexpected[:8]}, "
+                         f"missing {report.missing[:8]}; is it another architecture? check MODEL.SWIN.*")
+    report.loaded = list(adapted)
+    return adapted, report
+
+
+def _adapt_head(key: str, value: torch.Tensor, target: torch.Size, class_map: Optional[List[int]],
+                report: LoadReport) -> Optional[torch.Tensor]:
+    """Selects the mapped rows of a pretrained head, or returns None to keep the model's fresh head."""
+    if class_map is not None:
+        if len(class_map) != target[0]:
+            raise ValueError(f"the class map has {len(class_map)} entries but the model has {target[0]} classes")
+        if max(class_map) >= value.shape[0] or min(class_map) < 0:
+            raise ValueError(f"the class map names rows up to {max(class_map)} but the pretrained head has "
+                             f"{value.shape[0]} rows")
+        report.resized.append(key)
+        return value[torch.as_tensor(class_map)]
+    logger.warning("%s: pretrained head has %d classes, the model %d; the head is re-initialised (give "
+                   "MODEL.PRETRAINED_CLASS_MAP to keep mapped rows)", key, value.shape[0], target[0])
+    report.reinitialised.append(key)
+    return None

@@ -1,0 +1,333 @@
+"""The loop bodies: one training epoch, exact validation and throughput measurement."""
+import contextlib
+import datetime
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from utils import all_reduce_sum
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss (or too many skipped float16 steps in a row)."""
+
+
+@dataclass
+class Precision:
+    """Autocast settings; a gradient scaler is used for float16 only."""
+    enabled: bool
+    dtype: torch.dtype = torch.bfloat16
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.enabled)
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).replace("torch.", "") + " autocast" if self.enabled else "float32"
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.enabled and self.dtype == torch.float16
+
+
+@dataclass
+class TrainParts:
+    """What one optimizer step touches. ``model`` may be DDP-wrapped and/or compiled."""
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object  # timm Scheduler: step_update(num_updates)
+    scaler: Optional[torch.amp.GradScaler] = None
+    model_ema: Optional[nn.Module] = None
+    mixup_fn: Optional[Callable] = None
+    clip_grad: float = 0.0
+    accumulation_steps: int = 1
+    max_skipped_steps: int = 20
+
+
+@dataclass
+class EpochState:
+    """Progress within the current epoch, enough to resume it exactly."""
+    epoch: int
+    updates_per_epoch: int
+    update: int = 0  # optimizer updates done in this epoch
+    skipped_in_a_row: int = 0
+    skipped_total: int = 0
+    history: list = field(default_factory=list)  # (global update, loss) at each logged step
+
+
+def _no_sync(model: nn.Module, skip: bool):
+    """DDP's no_sync on micro-steps whose gradients are only accumulated."""
+    if skip and isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def optimizer_step(parts: TrainParts, step_parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """Unscales, clips (norm logged, or measured when clipping is off), steps and clears gradients.
+
+    Returns:
+        The total gradient norm before clipping, as a 0-d tensor (no host sync).
+    """
+    if parts.scaler is not None:
+        parts.scaler.unscale_(parts.optimizer)
+    max_norm = parts.clip_grad if parts.clip_grad > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(step_parameters, max_norm)
+    if parts.scaler is not None:
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+    else:
+        parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def micro_step(parts: TrainParts, images: torch.Tensor, targets: torch.Tensor, device: torch.device,
+               precision: Precision, loss_divisor: int, sync: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch; gradients accumulate until :func:`optimizer_step`.
+
+    Returns:
+        The un-divided loss as a 0-d tensor.
+    """
+    if parts.mixup_fn is not None:
+        images, targets = parts.mixup_fn(images, targets)
+    with _no_sync(parts.model, not sync):
+        with precision.autocast(device):
+            loss = parts.criterion(parts.model(images), targets)
+        scaled = loss / loss_divisor
+        if parts.scaler is not None:
+            scaled = parts.scaler.scale(scaled)
+        scaled.backward()
+    return loss.detach()
+
+
+def _memory_mb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else 0.0
+
+
+def train_one_epoch(parts: TrainParts, data_loader: Iterable, state: EpochState, device: torch.device,
+                    precision: Precision, print_freq: int, num_batches: int,
+                    on_update: Optional[Callable[[EpochState], None]] = None,
+                    log_scalar: Optional[Callable[[str, float, int], None]] = None) -> Dict[str, float]:
+    """Trains for the rest of ``state.epoch``, starting after ``state.update`` optimizer updates.
+
+    Every ``accumulation_steps`` micro-batches make one update (the last group of an epoch may be
+    shorter; it is applied, with its loss averaged over its own size). The schedule steps per update.
+
+    Args:
+        num_batches: micro-batches this loader yields in this (possibly resumed) epoch.
+        on_update: called after each optimizer update (mid-epoch checkpoints).
+        log_scalar: TensorBoard-style ``(tag, value, global_update)``, called on logging steps.
+
+    Returns:
+        Mean loss over the epoch's logged window, final lr, last grad norm, images/s, skipped steps.
+
+    Raises:
+        NonFiniteLossError: a NaN/inf loss in float32 or bfloat16, or too many skipped float16 steps.
+    """
+    model = parts.model
+    model.train()
+    accum = parts.accumulation_steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches_done = state.update * accum
+    total_batches = batches_done + num_batches
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    loss_count = 0
+    grad_norm = torch.zeros(())
+    bad_loss = torch.zeros((), device=device, dtype=torch.bool)
+    images_seen = 0
+    start = window_start = time.time()
+    batch_size = 0
+    parts.optimizer.zero_grad(set_to_none=True)
+    for index, (images, targets) in enumerate(data_loader, start=batches_done):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        batch_size = images.shape[0]
+        group_start = (index // accum) * accum
+        group_size = min(accum, total_batches - group_start)
+        last_of_group = index == group_start + group_size - 1
+        loss = micro_step(parts, images, targets, device, precision, group_size, sync=last_of_group)
+        loss_sum += loss
+        loss_count += 1
+        images_seen += batch_size
+        if not precision.needs_scaler:
+            bad_loss |= ~torch.isfinite(loss)
+        if not last_of_group:
+            continue
+        scale_before = parts.scaler.get_scale() if parts.scaler is not None else None
+        grad_norm = optimizer_step(parts, params)
+        state.update += 1
+        global_update = state.epoch * state.updates_per_epoch + state.update
+        parts.lr_scheduler.step_update(global_update)
+        if parts.scaler is not None:
+            _count_skipped(parts, state, scale_before)
+        if parts.model_ema is not None:
+            parts.model_ema.update(_unwrap(model), step=global_update)
+        log_now = state.update % print_freq == 0 or index == total_batches - 1
+        if log_now or on_update is not None:
+            _raise_if_nonfinite(bad_loss, state)
+        if log_now:
+            elapsed = time.time() - window_start
+            mean_loss = (loss_sum / max(loss_count, 1)).item()
+            state.history.append((global_update, mean_loss))
+            _log_progress(parts, state, index + 1, total_batches, index + 1 - batches_done, mean_loss,
+                          float(grad_norm), images_seen / elapsed,
+                          time.time() - start, device, log_scalar, global_update)
+            loss_sum.zero_()
+            loss_count = 0
+            images_seen = 0
+            window_start = time.time()
+        if on_update is not None:
+            on_update(state)
+    return {"lr": parts.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+            "skipped_steps": state.skipped_total, "epoch_time": time.time() - start,
+            "loss": state.history[-1][1] if state.history else float("nan")}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
+
+
+def _count_skipped(parts: TrainParts, state: EpochState, scale_before: float) -> None:
+    """float16: a drop of the loss scale means the scaler skipped the step for non-finite gradients."""
+    if parts.scaler.get_scale() < scale_before:
+        state.skipped_in_a_row += 1
+        state.skipped_total += 1
+        logger.warning("epoch %d update %d: non-finite gradients in float16, step skipped (%d in a row, scale %g)",
+                       state.epoch, state.update, state.skipped_in_a_row, parts.scaler.get_scale())
+        if state.skipped_in_a_row > parts.max_skipped_steps:
+            raise NonFiniteLossError(
+                f"epoch {state.epoch} update {state.update}: {state.skipped_in_a_row} float16 steps in a row were "
+                f"skipped for non-finite gradients (limit TRAIN.MAX_SKIPPED_STEPS={parts.max_skipped_steps}). "
+                "Lower the learning rate or train in bfloat16 (AMP_DTYPE bfloat16).")
+    else:
+        state.skipped_in_a_row = 0
+
+
+def _raise_if_nonfinite(bad_loss: torch.Tensor, state: EpochState) -> None:
+    if bad_loss.item():
+        raise NonFiniteLossError(
+            f"non-finite loss in epoch {state.epoch}, at or before update {state.update} of "
+            f"{state.updates_per_epoch}. The run stopped before saving anything from these steps. "
+            "Lower TRAIN.BASE_LR, keep TRAIN.CLIP_GRAD on, or check the data.")
+
+
+def _log_progress(parts: TrainParts, state: EpochState, batch: int, total: int, done_this_run: int, loss: float,
+                  grad_norm: float,
+                  images_per_second: float, elapsed: float, device: torch.device,
+                  log_scalar: Optional[Callable[[str, float, int], None]], global_update: int) -> None:
+    lr = parts.optimizer.param_groups[0]["lr"]
+    eta = datetime.timedelta(seconds=int(elapsed / max(done_this_run, 1) * (total - batch)))
+    scale = parts.scaler.get_scale() if parts.scaler is not None else 1.0
+    memory = _memory_mb(device)
+    logger.info("Train: [%d][%d/%d] eta %s lr %.6g loss %.4f grad_norm %.4f loss_scale %g %.1f img/s mem %.0fMB",
+                state.epoch, batch, total, eta, lr, loss, grad_norm, scale, images_per_second, memory)
+    if log_scalar is not None:
+        for tag, value in (("train/loss", loss), ("train/lr", lr), ("train/grad_norm", grad_norm),
+                           ("train/loss_scale", scale), ("train/images_per_second", images_per_second),
+                           ("train/memory_mb", memory)):
+            log_scalar(tag, value, global_update)
+
+
+@torch.no_grad()
+def validate(model: nn.Module, data_loader: Iterable, device: torch.device, precision: Precision,
+             expected_total: int, print_freq: int = 0) -> Dict[str, float]:
+    """Exact top-1 / top-5 accuracy and mean loss over the whole validation set.
+
+    Each process evaluates its own shard (no padding); integer counts and the loss sum are added up
+    across processes, so the result is the same for any number of processes.
+
+    Raises:
+        RuntimeError: the number of images evaluated differs from ``expected_total``.
+    """
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    counts = torch.zeros(4, device=device, dtype=torch.float64)  # correct@1, correct@5, loss sum, images
+    for index, (images, targets) in enumerate(data_loader):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with precision.autocast(device):
+            logits = model(images)
+        logits = logits.float()
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = topk == targets[:, None]
+        counts[0] += hits[:, :1].sum()
+        counts[1] += hits.sum()
+        counts[2] += criterion(logits, targets)
+        counts[3] += targets.shape[0]
+        if print_freq and (index + 1) % print_freq == 0:
+            logger.info("Test: [%d/%d]", index + 1, len(data_loader))
+    all_reduce_sum(counts)
+    correct1, correct5, loss_sum, total = counts.tolist()
+    if int(total) != expected_total:
+        raise RuntimeError(f"evaluated {int(total)} images but the validation set has {expected_total}: "
+                           "the evaluation sampler must cover each image exactly once")
+    metrics = {"acc1": 100.0 * correct1 / total, "acc5": 100.0 * correct5 / total, "loss": loss_sum / total,
+               "count": int(total)}
+    # Users' log parsers read this exact line.
+    logger.info(" * Acc@1 %.3f Acc@5 %.3f", metrics["acc1"], metrics["acc5"])
+    return metrics
+
+
+def _timed(fn: Callable[[], None], device: torch.device, warmup: int, iterations: int) -> float:
+    """Seconds per call of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / iterations
+
+
+def throughput(parts: TrainParts, images: torch.Tensor, targets: torch.Tensor, device: torch.device,
+               precision: Precision, warmup: int = 5, iterations: int = 20) -> Dict[str, float]:
+    """Images/s of inference and of the full training step on the given synthetic batch.
+
+    The training step is the real one: mixup, autocast, scaler, accumulation, clipping, optimizer,
+    schedule and EMA. The model and optimizer are changed by it: call it on a throwaway copy.
+    """
+    model = parts.model
+    batch = images.shape[0]
+
+    def infer() -> None:
+        with torch.no_grad(), precision.autocast(device):
+            model(images)
+
+    model.eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    infer_seconds = _timed(infer, device, warmup, iterations)
+    infer_memory = _memory_mb(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    accum = parts.accumulation_steps
+    update = [0]
+
+    def train_step() -> None:
+        for micro in range(accum):
+            micro_step(parts, images, targets, device, precision, accum, sync=micro == accum - 1)
+        optimizer_step(parts, params)
+        update[0] += 1
+        parts.lr_scheduler.step_update(update[0])
+        if parts.model_ema is not None:
+            parts.model_ema.update(_unwrap(model), step=update[0])
+
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_seconds = _timed(train_step, device, warmup, iterations)
+    return {"batch_size": batch, "inference_images_per_second": batch / infer_seconds,
+            "train_images_per_second": batch * accum / train_seconds, "inference_peak_memory_mb": infer_memory,
+            "train_peak_memory_mb": _memory_mb(device)}

@@ -1,0 +1,237 @@
+"""Train, fine-tune, evaluate or measure a Swin Transformer: ``python main.py --cfg FILE [flags]``.
+
+Runs as one process (one GPU, or the CPU) or under ``torchrun --nproc_per_node N`` with DDP.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+from yacs.config import CfgNode
+
+import config as cfg_lib
+from config import ConfigError
+from engine import EpochState, NonFiniteLossError, Precision, TrainParts, throughput, train_one_epoch, validate
+from logger import setup_logging
+from lr_scheduler import build_scheduler
+from models import build_model
+from optimizer import build_optimizer
+from utils import (CheckpointError, get_rank, get_world_size, init_distributed, is_main_process, load_pretrained,
+                   resume_training, save_training_checkpoint, seed_everything)
+
+logger = logging.getLogger("main")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The reference command line, plus --amp-dtype and --compile."""
+    parser = argparse.ArgumentParser("Swin Transformer training and evaluation")
+    parser.add_argument("--cfg", required=True, metavar="FILE", help="path to a config file")
+    parser.add_argument("--opts", nargs="+", default=None, help="KEY VALUE pairs that override the config")
+    parser.add_argument("--batch-size", type=int, help="batch size per process")
+    parser.add_argument("--data-path", type=str, help="dataset root")
+    parser.add_argument("--zip", action="store_true", help="read train.zip / val.zip instead of folders")
+    parser.add_argument("--cache-mode", choices=["no", "part", "full"], help="zip mode caching")
+    parser.add_argument("--pretrained", help="checkpoint to fine-tune from")
+    parser.add_argument("--resume", help="training checkpoint to resume")
+    parser.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
+    parser.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing to save memory")
+    parser.add_argument("--disable_amp", action="store_true", help="train in float32")
+    parser.add_argument("--amp-opt-level", choices=["O0", "O1", "O2"], help="deprecated; O0 disables AMP")
+    parser.add_argument("--amp-dtype", choices=["float16", "bfloat16"], help="autocast precision")
+    parser.add_argument("--output", metavar="PATH", help="root of output folders")
+    parser.add_argument("--tag", help="tag of the experiment")
+    parser.add_argument("--eval", action="store_true", help="evaluate only")
+    parser.add_argument("--throughput", action="store_true", help="measure throughput only")
+    parser.add_argument("--fused_window_process", action="store_true", help="fused roll + window partition kernel")
+    parser.add_argument("--fused_layernorm", action="store_true", help="accepted; LayerNorm is already fused")
+    parser.add_argument("--optim", help="optimizer name (adamw, sgd)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help="set by old launchers; read from env")
+    return parser.parse_args(argv)
+
+
+def build_criterion(config: CfgNode, mixup: bool) -> nn.Module:
+    """Soft-target loss under Mixup/CutMix (smoothing is in the targets), else label smoothing as configured."""
+    if mixup:
+        return SoftTargetCrossEntropy()
+    if config.MODEL.LABEL_SMOOTHING > 0:
+        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
+    return nn.CrossEntropyLoss()
+
+
+def build_precision(config: CfgNode, evaluation: bool = False) -> Precision:
+    enabled = config.TEST.AMP_ENABLE if evaluation else config.AMP_ENABLE
+    return Precision(enabled=bool(enabled), dtype=getattr(torch, config.AMP_DTYPE))
+
+
+def prepare_model(config: CfgNode, device: torch.device):
+    """Model on device (pretrained weights loaded), its EMA, and the compiled/DDP-wrapped training view."""
+    model = build_model(config)
+    logger.info("model %s: %.2fM parameters, %.3f GFLOPs at %d px", config.MODEL.NAME,
+                sum(p.numel() for p in model.parameters()) / 1e6, model.flops() / 1e9, config.DATA.IMG_SIZE)
+    if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
+        load_pretrained(config, model)
+    model.to(device)
+    # The EMA copies the bare module before compile/DDP wrapping, so it holds plain parameters and
+    # starts from the same (possibly pretrained) weights on every rank.
+    model_ema = ModelEmaV3(model, decay=config.MODEL.EMA.DECAY) if config.MODEL.EMA.ENABLE else None
+    train_model = torch.compile(model) if config.TRAIN.COMPILE else model
+    if get_world_size() > 1:
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, model_ema, train_model
+
+
+def run_throughput(config: CfgNode, device: torch.device) -> None:
+    """Synthetic-data images/s of inference and of the full training step; needs no dataset."""
+    model, model_ema, train_model = prepare_model(config, device)
+    optimizer = build_optimizer(config, model, device)
+    precision = build_precision(config)
+    batch = config.DATA.BATCH_SIZE
+    images = torch.randn(batch, config.MODEL.SWIN.IN_CHANS, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
+    targets = torch.randint(0, config.MODEL.NUM_CLASSES, (batch,), device=device)
+    parts = TrainParts(model=train_model, criterion=build_criterion(config, mixup=False), optimizer=optimizer,
+                       lr_scheduler=build_scheduler(config, optimizer, 1000),
+                       scaler=torch.amp.GradScaler(device.type) if precision.needs_scaler else None,
+                       model_ema=model_ema, clip_grad=config.TRAIN.CLIP_GRAD,
+                       accumulation_steps=config.TRAIN.ACCUMULATION_STEPS)
+    result = throughput(parts, images, targets, device, precision)
+    memory = "peak memory inference %.0f MB, training %.0f MB" % (
+        result["inference_peak_memory_mb"], result["train_peak_memory_mb"]) if device.type == "cuda" else \
+        "peak memory: n/a on CPU (see benchmarks/bench_model.py for RSS)"
+    logger.info("throughput on %s, %s, batch %d per process: inference %.1f img/s, training step %.1f img/s; %s",
+                device, precision.name, batch, result["inference_images_per_second"],
+                result["train_images_per_second"], memory)
+    if is_main_process():
+        with open(os.path.join(config.OUTPUT, "throughput.json"), "w") as f:
+            json.dump({**result, "device": str(device), "precision": precision.name}, f, indent=1)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = init_distributed()
+    rank, world_size = get_rank(), get_world_size()
+    config = cfg_lib.load_config(args.cfg, args=args, world_size=world_size)
+    setup_logging(config.OUTPUT, rank)
+    logger.info("process %d of %d on %s; output folder %s", rank, world_size, device, config.OUTPUT)
+    if is_main_process():
+        with open(os.path.join(config.OUTPUT, "config.yaml"), "w") as f:
+            f.write(cfg_lib.to_yaml(config))
+    logger.info("global batch %d (%d per process x %d processes x %d accumulation steps); effective lr %.3g, "
+                "warmup lr %.3g, min lr %.3g", config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS,
+                config.DATA.BATCH_SIZE, world_size, config.TRAIN.ACCUMULATION_STEPS, config.TRAIN.BASE_LR,
+                config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR)
+    if config.FUSED_LAYERNORM:
+        logger.info("FUSED_LAYERNORM: torch's LayerNorm is already a single fused kernel; nothing to switch")
+    seed_everything(config.SEED + rank)
+    if config.THROUGHPUT_MODE:
+        run_throughput(config, device)
+        return 0
+    from data import build_loader
+    loaders = build_loader(config, rank=rank, world_size=world_size, eval_only=config.EVAL_MODE)
+    model, model_ema, train_model = prepare_model(config, device)
+    if config.EVAL_MODE:
+        return evaluate_only(config, model, loaders, device)
+    return train(config, model, model_ema, train_model, loaders, device)
+
+
+def evaluate_only(config: CfgNode, model: nn.Module, loaders, device: torch.device) -> int:
+    if config.MODEL.RESUME:
+        resume_training(config, model, None, None, None, None, None)
+    metrics = validate(model, loaders.val_loader, device, build_precision(config, evaluation=True),
+                       len(loaders.val_dataset), config.PRINT_FREQ)
+    logger.info("accuracy of the network on the %d test images: acc@1 %.3f%% acc@5 %.3f%% loss %.4f",
+                metrics["count"], metrics["acc1"], metrics["acc5"], metrics["loss"])
+    if is_main_process():
+        with open(os.path.join(config.OUTPUT, "eval.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+    return 0
+
+
+def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, loaders, device: torch.device) -> int:
+    optimizer = build_optimizer(config, model, device)
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    batches_per_epoch = len(loaders.train_loader)
+    updates_per_epoch = math.ceil(batches_per_epoch / accum)
+    lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch)
+    precision = build_precision(config)
+    parts = TrainParts(model=train_model, criterion=build_criterion(config, loaders.mixup_fn is not None),
+                       optimizer=optimizer, lr_scheduler=lr_scheduler,
+                       scaler=torch.amp.GradScaler(device.type) if precision.needs_scaler else None,
+                       model_ema=model_ema, mixup_fn=loaders.mixup_fn, clip_grad=config.TRAIN.CLIP_GRAD,
+                       accumulation_steps=accum, max_skipped_steps=config.TRAIN.MAX_SKIPPED_STEPS)
+    progress = resume_training(config, model, optimizer, lr_scheduler, parts.scaler, model_ema, loaders.train_sampler)
+    writer = SummaryWriter(config.OUTPUT) if is_main_process() else None
+
+    def log_scalar(tag: str, value: float, step: int) -> None:
+        if writer is not None:
+            writer.add_scalar(tag, value, step)
+
+    max_accuracy = progress.max_accuracy
+    eval_precision = build_precision(config, evaluation=True)
+    logger.info("training from epoch %d update %d to epoch %d (%d updates per epoch)", progress.epoch,
+                progress.update, config.TRAIN.EPOCHS, updates_per_epoch)
+    start = time.time()
+    for epoch in range(progress.epoch, config.TRAIN.EPOCHS):
+        state = EpochState(epoch=epoch, updates_per_epoch=updates_per_epoch,
+                           update=progress.update if epoch == progress.epoch else 0)
+        loaders.train_sampler.set_epoch(epoch)
+        if state.update:
+            loaders.train_sampler.skip(state.update * accum * config.DATA.BATCH_SIZE)
+
+        def save(current: EpochState, complete: bool, acc1=None, is_best=False) -> None:
+            save_training_checkpoint(config, model, optimizer, lr_scheduler, parts.scaler, model_ema,
+                                     max_accuracy, current, complete, acc1, is_best)
+
+        def on_update(current: EpochState) -> None:
+            if config.TRAIN.SAVE_ITERS and current.update % config.TRAIN.SAVE_ITERS == 0 \
+                    and current.update < updates_per_epoch:
+                save(current, complete=False)
+
+        train_metrics = train_one_epoch(parts, loaders.train_loader, state, device, precision, config.PRINT_FREQ,
+                                        len(loaders.train_loader), on_update if config.TRAIN.SAVE_ITERS else None,
+                                        log_scalar)
+        metrics = validate(model, loaders.val_loader, device, eval_precision, len(loaders.val_dataset))
+        is_best = metrics["acc1"] > max_accuracy
+        max_accuracy = max(max_accuracy, metrics["acc1"])
+        last = epoch == config.TRAIN.EPOCHS - 1
+        if epoch % config.SAVE_FREQ == 0 or last or is_best:
+            save(state, complete=True, acc1=metrics["acc1"], is_best=is_best)
+        record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_metrics.items()},
+                  **{f"val_{k}": v for k, v in metrics.items()}, "max_acc1": max_accuracy}
+        if model_ema is not None:
+            ema_metrics = validate(model_ema.module, loaders.val_loader, device, eval_precision,
+                                   len(loaders.val_dataset))
+            record.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+        logger.info("accuracy of the network on the %d test images: %.2f%%; max accuracy %.2f%%",
+                    metrics["count"], metrics["acc1"], max_accuracy)
+        for key in ("acc1", "acc5", "loss"):
+            log_scalar(f"val/{key}", metrics[key], (epoch + 1) * updates_per_epoch)
+        if is_main_process():
+            with open(os.path.join(config.OUTPUT, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        writer.close()
+    logger.info("training time %s", time.strftime("%H:%M:%S", time.gmtime(time.time() - start)))
+    return 0
+
+
+def cli() -> int:
+    try:
+        return main()
+    except (ConfigError, CheckpointError, NonFiniteLossError) as error:
+        logging.getLogger("main").error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
