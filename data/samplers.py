@@ -1,0 +1,162 @@
+"""Samplers: distributed training orders that can resume mid-epoch, and an exact evaluation split.
+
+Training samplers give every rank the same number of indices per epoch (so that all ranks run the
+same number of steps) and can skip the first indices of an epoch, so that a run resumed from a
+mid-epoch checkpoint sees exactly the images the interrupted run had not yet trained on::
+
+    sampler.set_epoch(epoch)              # a new epoch: new order, nothing skipped
+    sampler.skip(steps_done * batch_size) # resume: continue this epoch after the samples already used
+
+The position to save is what the training loop has consumed (completed steps times the batch size),
+not how far the sampler has been iterated: DataLoader workers fetch batches ahead of the loop.
+"""
+import math
+from typing import Dict, Iterator, List
+
+import torch
+from torch.utils.data import Sampler
+
+from data.errors import DataError
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank {rank} and world_size {world_size}")
+
+
+def _permutation(size: int, seed: int) -> List[int]:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return torch.randperm(size, generator=generator).tolist()
+
+
+class ResumableSampler(Sampler[int]):
+    """Base of the training samplers: per-epoch index lists with ``set_epoch`` and ``skip``.
+
+    Subclasses implement :meth:`epoch_indices`, which must return ``num_samples`` indices.
+    """
+
+    def __init__(self, num_samples: int):
+        self.num_samples = num_samples
+        self.epoch = 0
+        self.start = 0
+
+    def epoch_indices(self, epoch: int) -> List[int]:
+        """This rank's full index list for ``epoch``."""
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose order the next iteration gives. A different epoch clears the skip."""
+        if epoch != self.epoch:
+            self.start = 0
+        self.epoch = epoch
+
+    def skip(self, num_samples: int) -> None:
+        """Makes the next iteration of this epoch start after its first ``num_samples`` indices (this rank's).
+
+        The count is absolute (not added to an earlier skip) and stays in force until the epoch changes.
+        """
+        if not 0 <= num_samples <= self.num_samples:
+            raise ValueError(f"can skip 0 to {self.num_samples} samples of this epoch, got {num_samples}")
+        self.start = num_samples
+
+    def state_dict(self) -> Dict[str, int]:
+        """The epoch and the number of samples skipped in it, as plain ints."""
+        return {"epoch": self.epoch, "position": self.start}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        """Restores :meth:`state_dict` output: ``set_epoch(state["epoch"])`` then ``skip(state["position"])``."""
+        self.set_epoch(int(state["epoch"]))
+        self.skip(int(state["position"]))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_indices(self.epoch)[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class DistributedTrainSampler(ResumableSampler):
+    """All ranks shuffle the whole dataset the same way (seeded by ``seed + epoch``) and rank r takes
+    positions r, r + world_size, ... of that order.
+
+    The order is padded by repeating its beginning to a multiple of ``world_size``, exactly as torch's
+    ``DistributedSampler(shuffle=True, drop_last=False)`` does; for the same seed the indices are the same.
+
+    Args:
+        size: the number of items in the dataset.
+        rank: this process's rank.
+        world_size: the number of processes.
+        seed: the shuffling seed, the same on all ranks.
+    """
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        _check_rank(rank, world_size)
+        if size < 1:
+            raise DataError("cannot sample from an empty dataset")
+        super().__init__(math.ceil(size / world_size))
+        self.size = size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+
+    def epoch_indices(self, epoch: int) -> List[int]:
+        order = _permutation(self.size, self.seed + epoch)
+        total = self.num_samples * self.world_size
+        while len(order) < total:
+            order += order[:total - len(order)]
+        return order[self.rank:total:self.world_size]
+
+
+class ShardTrainSampler(ResumableSampler):
+    """Rank r only ever uses indices r, r + world_size, ... (its shard), shuffled each epoch.
+
+    This is the sampler of zip CACHE_MODE ``part``, where each rank holds only its shard in memory. Shards
+    differ in size by at most one; a smaller shard repeats the first index of its order so that all
+    ranks take the same number of steps.
+
+    Args:
+        size: the number of items in the dataset.
+        rank: this process's rank.
+        world_size: the number of processes.
+        seed: the shuffling seed (``seed + epoch`` each epoch).
+    """
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        _check_rank(rank, world_size)
+        if size < world_size:
+            raise DataError(f"cannot split {size} images into {world_size} shards of at least one image")
+        super().__init__(math.ceil(size / world_size))
+        self.shard = list(range(rank, size, world_size))
+        self.seed = seed
+
+    def epoch_indices(self, epoch: int) -> List[int]:
+        order = [self.shard[i] for i in _permutation(len(self.shard), self.seed + epoch)]
+        return order + order[:self.num_samples - len(order)]
+
+
+class ShardedEvalSampler(Sampler[int]):
+    """Rank r evaluates indices r, r + world_size, ... with no padding, so that over all ranks every
+    image is evaluated exactly once (shards differ in size by at most one).
+
+    Args:
+        size: the number of items in the dataset.
+        rank: this process's rank.
+        world_size: the number of processes.
+        shuffle: visit the shard in a seeded random order instead of ascending (counts do not change).
+        seed: the shuffling seed.
+    """
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, shuffle: bool = False, seed: int = 0):
+        _check_rank(rank, world_size)
+        self.shard = list(range(rank, size, world_size))
+        self.shuffle = shuffle
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(self.shard)
+        return iter([self.shard[i] for i in _permutation(len(self.shard), self.seed)])
+
+    def __len__(self) -> int:
+        return len(self.shard)
