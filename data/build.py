@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Sampler
 from yacs.config import CfgNode
 
 from config import IMAGENET22K_NUM_CLASSES, ConfigError
-from data.datasets import FolderDataset, ImageDataset, ImageListDataset, ZipDataset
+from data.datasets import FolderDataset, ImageDataset, ImageListDataset, Transform, ZipDataset
 from data.digits import digits_ready, prepare_digits
 from data.errors import DataError
 from data.layout import FOLDER_LAYOUT, IMAGENET22K_LAYOUT, ZIP_LAYOUT, find_classes, read_map_file
@@ -146,7 +146,7 @@ def _expected_layout(config: CfgNode) -> str:
     return ZIP_LAYOUT if config.DATA.ZIP_MODE else FOLDER_LAYOUT
 
 
-def _folder_dataset(is_train: bool, config: CfgNode, transform) -> FolderDataset:
+def _folder_dataset(is_train: bool, config: CfgNode, transform: Transform) -> FolderDataset:
     data_path = config.DATA.DATA_PATH
     split_dir = os.path.join(data_path, "train" if is_train else "val")
     if not os.path.isdir(split_dir):
@@ -164,7 +164,7 @@ def _folder_dataset(is_train: bool, config: CfgNode, transform) -> FolderDataset
     return FolderDataset(split_dir, class_names, transform, config.DATA.MAX_BAD_FRACTION)
 
 
-def _zip_dataset(is_train: bool, config: CfgNode, transform, rank: int, world_size: int) -> ZipDataset:
+def _zip_dataset(is_train: bool, config: CfgNode, transform: Transform, rank: int, world_size: int) -> ZipDataset:
     data_path = config.DATA.DATA_PATH
     split = "train" if is_train else "val"
     zip_path = os.path.join(data_path, f"{split}.zip")
@@ -186,7 +186,7 @@ def _zip_dataset(is_train: bool, config: CfgNode, transform, rank: int, world_si
                       cache_indices)
 
 
-def _imagenet22k_dataset(is_train: bool, config: CfgNode, transform) -> ImageListDataset:
+def _imagenet22k_dataset(is_train: bool, config: CfgNode, transform: Transform) -> ImageListDataset:
     if config.MODEL.NUM_CLASSES != IMAGENET22K_NUM_CLASSES:
         raise DataError(_class_count_message(config.MODEL.NUM_CLASSES, IMAGENET22K_NUM_CLASSES,
                                              f"ImageNet-22K has {IMAGENET22K_NUM_CLASSES} classes"))

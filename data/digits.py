@@ -42,8 +42,10 @@ def prepare_digits(root: str) -> None:
     so an interrupted preparation leaves no half-written ``root`` and is simply redone.
 
     Raises:
-        DataError: ``root`` exists, is not empty and is not a prepared digits dataset.
+        DataError: ``root`` is an empty string, or a non-empty folder that is not a prepared digits dataset.
     """
+    if not root:
+        raise DataError("no folder given for the digits dataset: set DATA.DATA_PATH (--data-path DIR)")
     if digits_ready(root):
         logger.info("digits dataset already prepared in %s", root)
         return

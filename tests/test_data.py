@@ -289,6 +289,8 @@ def test_too_many_corrupt_images_raise(tmp_path):
         for i in range(len(dataset)):
             dataset[i]
     assert dataset.num_bad == MIN_BAD_TO_STOP
+    with pytest.raises(DataError, match="MAX_BAD_FRACTION"):  # what the training loop sees from a worker
+        list(DataLoader(build_dataset(True, make_config(root)), batch_size=4, num_workers=1))
 
     strict = build_dataset(True, make_config(root, DATA__MAX_BAD_FRACTION=0.0))
     with pytest.raises(DataError):

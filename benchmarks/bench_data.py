@@ -1,0 +1,130 @@
+"""Loader speed: decode + the full training transform, ours against torchvision's ImageFolder.
+
+    python benchmarks/bench_data.py [--num-images 320] [--workers 0 2] [--repeats 5] [--json out.json]
+
+Writes full-size JPEGs (500x375, smooth random content plus grain, quality 90) into a temporary folder
+dataset, also converts it to the zip layout, and times one pass over all images per loader with the
+reference training transform at 224 px (RandomResizedCrop bicubic, flip, RandAugment m9, random
+erasing, normalisation). Every variant uses the same images, order and augmentation seeds; the variants
+are interleaved and each figure is the median over the repeats. Files are read from the page cache
+after the warm-up pass, so this measures CPU cost, not disk speed. Every process uses one torch thread.
+"""
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from config import load_config  # noqa: E402
+from data import build_dataset, build_transform, make_zip_dataset  # noqa: E402
+
+NUM_CLASSES = 10
+
+
+def write_images(root: str, num_images: int, seed: int = 0) -> None:
+    """``root/train/<class>/<i>.jpg`` (and a one-image-per-class val/), 500x375 JPEGs."""
+    rng = np.random.default_rng(seed)
+    for index in range(num_images):
+        label = index % NUM_CLASSES
+        coarse = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+        image = np.asarray(Image.fromarray(coarse).resize((500, 375), Image.Resampling.BICUBIC), dtype=np.int16)
+        image = (image + rng.integers(-12, 13, size=image.shape)).clip(0, 255).astype(np.uint8)
+        for split in ("train",) + (("val",) if index < NUM_CLASSES else ()):
+            folder = os.path.join(root, split, f"class{label:02d}")
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(image).save(os.path.join(folder, f"{index:05d}.jpg"), quality=90)
+
+
+class Timer:
+    """One loader per variant and worker count, kept alive (persistent workers) across the timed passes."""
+
+    def __init__(self, dataset: Dataset, workers: int, batch_size: int):
+        generator = torch.Generator()
+        generator.manual_seed(0)  # the same worker seeds, hence the same augmentations, for every variant
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                 persistent_workers=workers > 0, generator=generator)
+        self.size = len(dataset)
+        self.seconds: List[float] = []
+        self.run(seed=0)  # warm-up: starts the workers, fills the page cache
+        self.seconds.clear()
+
+    def run(self, seed: int) -> None:
+        """Times one pass over the dataset."""
+        random.seed(seed)  # the augmentation state of the main process (num_workers 0)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        count = sum(len(labels) for _, labels in self.loader)
+        self.seconds.append(time.perf_counter() - start)
+        assert count == self.size
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=320)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    # DataLoader workers run with one torch thread; the main process does too, so that every row measures
+    # what one core does (two threads on a busy 2-core machine made small tensor ops ten times slower).
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as root:
+        write_images(root, args.num_images)
+        make_zip_dataset(root, root)
+        opts = ["DATA.DATA_PATH", root, "MODEL.NUM_CLASSES", str(NUM_CLASSES), "DATA.IMG_SIZE", "224"]
+        transform = build_transform(True, load_config(None, opts))
+        datasets: Dict[str, Dataset] = {
+            "torchvision ImageFolder": ImageFolder(os.path.join(root, "train"), transform=transform),
+            "ours, folder": build_dataset(True, load_config(None, opts)),
+        }
+        for cache_mode in ("no", "full"):
+            zip_opts = ["DATA.ZIP_MODE", "True", "DATA.CACHE_MODE", cache_mode]
+            datasets[f"ours, zip (cache {cache_mode})"] = build_dataset(True, load_config(None, opts + zip_opts))
+        timers = {(name, workers): Timer(dataset, workers, args.batch_size)
+                  for name, dataset in datasets.items() for workers in args.workers}
+        for repeat in range(1, args.repeats + 1):
+            for timer in timers.values():  # interleaved, so that load from elsewhere hits all variants alike
+                timer.run(seed=repeat)
+        timers_seconds = {key: timer.seconds for key, timer in timers.items()}
+        del timers  # stops the workers before the folder is removed
+
+    results = []
+    for name in datasets:
+        for workers in args.workers:
+            median = statistics.median(timers_seconds[(name, workers)])
+            rate = args.num_images / median
+            results.append({"loader": name, "num_workers": workers, "images_per_s": round(rate, 1),
+                            "images_per_s_per_worker": round(rate / max(workers, 1), 1)})
+    reference = {r["num_workers"]: r["images_per_s"] for r in results if r["loader"] == "torchvision ImageFolder"}
+    print(f"{args.num_images} JPEGs 500x375, training transform at 224 px, batch {args.batch_size}, "
+          f"median of {args.repeats}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"{'loader':<26}{'workers':>8}{'images/s':>10}{'per worker':>12}{'vs ImageFolder':>16}")
+    for r in results:
+        ratio = r["images_per_s"] / reference[r["num_workers"]]
+        print(f"{r['loader']:<26}{r['num_workers']:>8}{r['images_per_s']:>10.1f}"
+              f"{r['images_per_s_per_worker']:>12.1f}{ratio:>15.2f}x")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"num_images": args.num_images, "batch_size": args.batch_size, "repeats": args.repeats,
+                       "torch": torch.__version__, "cpus": os.cpu_count(), "results": results}, file, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
