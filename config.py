@@ -125,6 +125,8 @@ _C.AUG.CUTMIX_MINMAX = None
 _C.AUG.MIXUP_PROB = 1.0
 _C.AUG.MIXUP_SWITCH_PROB = 0.5
 _C.AUG.MIXUP_MODE = "batch"  # batch | pair | elem
+# Beyond the reference:
+_C.AUG.HFLIP = 0.5  # horizontal flip probability of the training transform (the reference always uses 0.5)
 
 # -----------------------------------------------------------------------------
 # Testing

@@ -36,7 +36,7 @@ Transform = Callable[[Image.Image], torch.Tensor]
 def build_transform(is_train: bool, config: CfgNode) -> Transform:
     """The transform from a decoded RGB PIL image to a normalised float tensor (3, IMG_SIZE, IMG_SIZE).
 
-    Training: RandomResizedCrop (scale 0.08-1, DATA.INTERPOLATION), horizontal flip, RandAugment
+    Training: RandomResizedCrop (scale 0.08-1, DATA.INTERPOLATION), horizontal flip (AUG.HFLIP), RandAugment
     AUG.AUTO_AUGMENT, color jitter AUG.COLOR_JITTER (timm leaves it out when RandAugment is on), ImageNet
     normalisation and random erasing AUG.REPROB/REMODE/RECOUNT. Images of 32 px or less get
     RandomCrop(size, padding=4) instead of the resized crop.
@@ -66,6 +66,7 @@ def _train_transform(config: CfgNode) -> Transform:
         re_mode=aug.REMODE,
         re_count=aug.RECOUNT,
         interpolation=config.DATA.INTERPOLATION,
+        hflip=aug.HFLIP,
     )
     _fix_posterize(transform)
     if size > SMALL_IMAGE_SIZE:
