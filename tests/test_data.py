@@ -5,6 +5,7 @@ import logging
 import os
 import pickle
 import shutil
+import struct
 import zipfile
 
 import numpy as np
@@ -119,14 +120,17 @@ def test_zip_part_cache_holds_only_this_rank_shard(tmp_path):
     assert set(loaders.train_sampler) <= set(cached)
 
 
-def test_zip_deflated_members_and_pickling(tmp_path):
+def test_zip_deflated_members_extra_fields_and_pickling(tmp_path):
     write_jpeg(str(tmp_path / "img.jpg"), seed=1)
     with zipfile.ZipFile(tmp_path / "val.zip", "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        archive.write(tmp_path / "img.jpg", "sub/img.jpg")
+        info = zipfile.ZipInfo("sub/img.jpg")
+        info.extra = struct.pack("<HH", 0xCAFE, 4) + b"abcd"  # an extra field moves the data, as zip tools do
+        archive.writestr(info, (tmp_path / "img.jpg").read_bytes(), compress_type=zipfile.ZIP_DEFLATED)
         archive.writestr("sub/bad.jpg", GARBAGE)
     (tmp_path / "val_map.txt").write_text("/sub/img.jpg\t1\nsub/bad.jpg\t0\n")  # a leading / is allowed
     dataset = build_dataset(False, make_config(tmp_path, DATA__ZIP_MODE=True, DATA__CACHE_MODE="no"))
-    assert dataset[0][1] == 1
+    with Image.open(tmp_path / "img.jpg") as image:
+        assert torch.equal(dataset[0][0], dataset.transform(image.convert("RGB"))) and dataset[0][1] == 1
     assert dataset[1][1] == 1 and dataset.num_bad == 1  # the garbage member is replaced by the next image
     copy = pickle.loads(pickle.dumps(dataset))  # what spawned workers get; the open handle is not copied
     assert torch.equal(copy[0][0], dataset[0][0])
