@@ -430,8 +430,10 @@ def test_train_transform_follows_the_recipe(tmp_path):
                                                      "AUG.REPROB", "0.0"])).transforms
     assert [type(step).__name__ for step in plain] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip",
                                                        "MaybeToTensor", "Normalize"]
-    small = build_transform(True, load_config(None, ["DATA.IMG_SIZE", "32"])).transforms
+    small = build_transform(True, load_config(None, ["DATA.IMG_SIZE", "32", "AUG.HFLIP", "0.0"])).transforms
     assert isinstance(small[0], transforms.RandomCrop) and small[0].padding == 4
+    assert not any(isinstance(step, transforms.RandomHorizontalFlip) for step in small)
+    assert steps[1].p == 0.5
     image = Image.fromarray(np.zeros((50, 70, 3), dtype=np.uint8))
     assert build_transform(True, config)(image).shape == (3, 224, 224)
 
