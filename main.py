@@ -26,7 +26,7 @@ from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
 from utils import (CheckpointError, get_rank, get_world_size, init_distributed, is_main_process, load_pretrained,
-                   resume_training, save_training_checkpoint, seed_everything)
+                   resume_candidates, resume_training, save_training_checkpoint, seed_everything)
 
 logger = logging.getLogger("main")
 
@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     rank, world_size = get_rank(), get_world_size()
     config = cfg_lib.load_config(args.cfg, args=args, world_size=world_size)
     setup_logging(config.OUTPUT, rank)
-    logger.info("process %d of %d on %s; output folder %s", rank, world_size, device, config.OUTPUT)
+    logger.info("process %d of %d (pid %d) on %s; output folder %s", rank, world_size, os.getpid(), device,
+                config.OUTPUT)
     if is_main_process():
         with open(os.path.join(config.OUTPUT, "config.yaml"), "w") as f:
             f.write(cfg_lib.to_yaml(config))
@@ -196,9 +197,14 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
                     and current.update < updates_per_epoch:
                 save(current, complete=False)
 
-        train_metrics = train_one_epoch(parts, loaders.train_loader, state, device, precision, config.PRINT_FREQ,
-                                        len(loaders.train_loader), on_update if config.TRAIN.SAVE_ITERS else None,
-                                        log_scalar)
+        try:
+            train_metrics = train_one_epoch(parts, loaders.train_loader, state, device, precision, config.PRINT_FREQ,
+                                            len(loaders.train_loader), on_update if config.TRAIN.SAVE_ITERS else None,
+                                            log_scalar)
+        except NonFiniteLossError as error:
+            newest = resume_candidates(config.OUTPUT)
+            raise NonFiniteLossError(f"{error} Last good checkpoint: {newest[0] if newest else 'none saved yet'}; "
+                                     "it is intact and the run resumes from it.") from error
         metrics = validate(model, loaders.val_loader, device, eval_precision, len(loaders.val_dataset))
         is_best = metrics["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, metrics["acc1"])
@@ -224,11 +230,14 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
     return 0
 
 
-def cli() -> int:
+def cli(argv=None) -> int:
+    """Runs :func:`main`; a failure the user can fix ends with its message and exit code 2, no traceback."""
+    from data import DataError
+
     try:
-        return main()
-    except (ConfigError, CheckpointError, NonFiniteLossError) as error:
-        logging.getLogger("main").error("%s", error)
+        return main(argv)
+    except (ConfigError, CheckpointError, NonFiniteLossError, DataError) as error:
+        logger.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         return 2
 
