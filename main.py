@@ -123,9 +123,6 @@ def main(argv=None) -> int:
     setup_logging(config.OUTPUT, rank)
     logger.info("process %d of %d (pid %d) on %s; output folder %s", rank, world_size, os.getpid(), device,
                 config.OUTPUT)
-    if is_main_process():
-        with open(os.path.join(config.OUTPUT, "config.yaml"), "w") as f:
-            f.write(cfg_lib.to_yaml(config))
     logger.info("global batch %d (%d per process x %d processes x %d accumulation steps); effective lr %.3g, "
                 "warmup lr %.3g, min lr %.3g", config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS,
                 config.DATA.BATCH_SIZE, world_size, config.TRAIN.ACCUMULATION_STEPS, config.TRAIN.BASE_LR,
@@ -170,6 +167,10 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
                        model_ema=model_ema, mixup_fn=loaders.mixup_fn, clip_grad=config.TRAIN.CLIP_GRAD,
                        accumulation_steps=accum, max_skipped_steps=config.TRAIN.MAX_SKIPPED_STEPS)
     progress = resume_training(config, model, optimizer, lr_scheduler, parts.scaler, model_ema, loaders.train_sampler)
+    if is_main_process():
+        # Written only once everything has started, so a failed start leaves the folder as it was.
+        with open(os.path.join(config.OUTPUT, "config.yaml"), "w") as f:
+            f.write(cfg_lib.to_yaml(config))
     writer = SummaryWriter(config.OUTPUT) if is_main_process() else None
 
     def log_scalar(tag: str, value: float, step: int) -> None:

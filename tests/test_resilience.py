@@ -127,12 +127,20 @@ def snapshot(folder):
     return digests
 
 
-@pytest.fixture
-def trained_run(digits_root, tmp_path_factory):
-    """An output folder holding one finished epoch of the small model, to check that failures leave it intact."""
+@pytest.fixture(scope="module")
+def trained_template(digits_root, tmp_path_factory):
     output = tmp_path_factory.mktemp("trained")
     assert driver.cli(["--cfg", DEMO, "--data-path", digits_root, "--output", str(output), "--opts"] + SMALL
                       + ["TRAIN.EPOCHS", "1", "TRAIN.SAVE_ITERS", "0"]) == 0
+    return output
+
+
+@pytest.fixture
+def trained_run(trained_template, tmp_path):
+    """A copy of an output folder holding one finished epoch of the small model, to check that failures
+    leave it intact."""
+    output = tmp_path / "run"
+    shutil.copytree(trained_template, output)
     return output
 
 
