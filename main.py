@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import resource
 import sys
 import time
 
@@ -104,9 +105,12 @@ def run_throughput(config: CfgNode, device: torch.device) -> None:
                        model_ema=model_ema, clip_grad=config.TRAIN.CLIP_GRAD,
                        accumulation_steps=config.TRAIN.ACCUMULATION_STEPS)
     result = throughput(parts, images, targets, device, precision)
-    memory = "peak memory inference %.0f MB, training %.0f MB" % (
-        result["inference_peak_memory_mb"], result["train_peak_memory_mb"]) if device.type == "cuda" else \
-        "peak memory: n/a on CPU (see benchmarks/bench_model.py for RSS)"
+    if device.type == "cuda":
+        memory = "peak memory: inference %.0f MB, training %.0f MB" % (result["inference_peak_memory_mb"],
+                                                                        result["train_peak_memory_mb"])
+    else:
+        result["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        memory = "process peak RSS %.0f MB" % result["process_peak_rss_mb"]
     logger.info("throughput on %s, %s, batch %d per process: inference %.1f img/s, training step %.1f img/s; %s",
                 device, precision.name, batch, result["inference_images_per_second"],
                 result["train_images_per_second"], memory)

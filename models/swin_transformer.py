@@ -275,12 +275,14 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
-        _, H, W, _ = x.shape
+        B, H, W, C = x.shape
         if H % 2 or W % 2:
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-        # The channel order (even/odd rows within even columns, then odd columns) is what the released
-        # weights of `reduction` expect.
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+            H, W = H + H % 2, W + W % 2
+        # The released weights of `reduction` expect the channel blocks ordered (row 0, col 0), (row 1, col 0),
+        # (row 0, col 1), (row 1, col 1) of each 2x2 patch: column offset outer, row offset inner. A reshape
+        # gives that order with one copy (strided slicing plus cat costs four, and four more in backward).
+        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
         return self.reduction(self.norm(x))
 
     def flops(self, H: int, W: int) -> int:
