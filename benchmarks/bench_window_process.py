@@ -44,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default: 3 on cpu, 50 on cuda)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default: 1 on cpu, 10 on cuda)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd unfused path")
     parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
     return parser.parse_args()
@@ -167,6 +168,8 @@ def main() -> None:
         args.iters = 3 if device.type == "cpu" else 50
     if args.warmup is None:
         args.warmup = 1 if device.type == "cpu" else 10
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if not is_available(device):
         raise SystemExit(f"The fused window-process ops are not available on {device}; see the warning above")
 

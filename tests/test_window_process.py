@@ -175,7 +175,11 @@ def test_invalid_inputs_raise_clear_errors():
 
 def test_failed_build_warns_once_and_is_unavailable(monkeypatch, caplog):
     def failing_build() -> str:
-        raise RuntimeError("Error building extension 'swin_window_process_cpu': c++ not found\nmore details")
+        raise RuntimeError(
+            "Error building extension 'swin_window_process_cpu': [1/2] c++ -O3 ...\n"
+            "window_process.cpp:1:10: fatal error: torch/library.h: No such file or directory\n"
+            "compilation terminated."
+        )
 
     monkeypatch.setattr(window_process_ops, "_library_error", None)
     monkeypatch.setattr(window_process_ops, "_library_loaded", False)
@@ -187,7 +191,7 @@ def test_failed_build_warns_once_and_is_unavailable(monkeypatch, caplog):
         assert not is_available("cpu")
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "c++ not found" in warnings[0] and "more details" not in warnings[0]
+    assert "fatal error: torch/library.h" in warnings[0] and "compilation terminated" not in warnings[0]
     with pytest.raises(RuntimeError, match="unavailable"):
         roll_and_window_partition(torch.zeros(1, 7, 7, 3), 3, 7)
 

@@ -68,6 +68,14 @@ def _build_and_load() -> str:
     return f"JIT build {library_path}"
 
 
+def _summarize(exc: Exception) -> str:
+    """One line for a warning: the first compiler error of a failed build, else the first line of the message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    error_lines = [line for line in lines if "error:" in line.lower()]
+    summary = (error_lines or lines or [""])[0]
+    return f"{type(exc).__name__}: {summary[:300]}"
+
+
 def _load_library() -> str:
     """Loads the library once, registers the Python parts of the ops, and returns "" or the reason of the failure."""
     global _library_error, _library_loaded
@@ -78,10 +86,12 @@ def _load_library() -> str:
             origin = "already loaded" if _ops_defined() else _build_and_load()
             _register_python_parts()
         except Exception as exc:  # A failed build raises several types; any of them means "use the fallback".
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            _library_error = f"{type(exc).__name__}: {first_line[:300]}"
+            _library_error = _summarize(exc)
             logger.debug("Loading the %s extension failed", NAMESPACE, exc_info=True)
-            logger.warning("Fused window-process kernel unavailable (%s); use the PyTorch reference", _library_error)
+            logger.warning(
+                "Fused window-process kernel unavailable (%s; full log at DEBUG level); use the PyTorch reference",
+                _library_error,
+            )
             return _library_error
         _library_error = ""
         _library_loaded = True
@@ -95,11 +105,10 @@ def _check_device(device: torch.device) -> str:
         x = torch.arange(8, dtype=torch.float32, device=device).reshape(1, 2, 2, 2)
         windows = torch.ops.swin_window_process.roll_and_window_partition(x, 1, 1)
     except Exception as exc:  # No driver, no kernel for the backend, ...: is_available must not raise.
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         hint = ""
         if isinstance(exc, NotImplementedError) and device.type == "cuda":
             hint = " (the library was built without CUDA; rebuild it where a GPU and a CUDA toolkit are visible)"
-        return f"{type(exc).__name__}: {first_line[:300]}{hint}"
+        return _summarize(exc) + hint
     if windows.shape != (4, 1, 1, 2):
         return f"unexpected output shape {tuple(windows.shape)} from a test run"
     return ""

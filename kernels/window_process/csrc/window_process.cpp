@@ -44,12 +44,30 @@ WindowGeometry make_geometry(const at::Tensor& tensor, int64_t batch, int64_t he
                         tensor.size(3) * static_cast<int64_t>(tensor.element_size())};
 }
 
+// Copies a run of bytes in fixed 64-byte blocks, which the compiler turns into plain vector loads and stores. A
+// variable-size std::memcpy of the typical run (a few KB) goes through `rep movsb` in glibc, which measured 10-20 %
+// slower for this access pattern on an AMD EPYC.
+inline void copy_run_bytes(char* destination, const char* source, int64_t bytes) {
+  constexpr int64_t kBlock = 64;
+  int64_t offset = 0;
+  for (; offset + kBlock <= bytes; offset += kBlock) {
+    std::memcpy(destination + offset, source + offset, kBlock);
+  }
+  if (offset < bytes) {
+    std::memcpy(destination + offset, source + offset, bytes - offset);
+  }
+}
+
 // Copies one window row (window pixels) per iteration. Because of the cyclic shift, the window row is made of at most
 // two contiguous runs of image pixels: [w0, min(w0 + window, W)) and, if it wraps around, [0, rest).
+//
+// The window rows are visited in the order of the source, so that reads stream through memory and the writes land in
+// runs of window * C elements: the partition walks the image row by row (b, wh, i, ww), the merge walks the windows
+// in storage order (b, wh, ww, i). For the partition this measured 5-10 % faster than walking the windows.
 void copy_windows_cpu(const void* source, void* destination, const WindowGeometry& g, bool merge) {
   const int64_t windows_per_row = g.width / g.window;
-  const int64_t windows_per_image = (g.height / g.window) * windows_per_row;
-  const int64_t num_window_rows = g.batch * windows_per_image * g.window;
+  const int64_t windows_per_column = g.height / g.window;
+  const int64_t num_window_rows = g.batch * windows_per_column * windows_per_row * g.window;
   const int64_t window_row_bytes = g.window * g.pixel_bytes;
   if (num_window_rows == 0 || window_row_bytes == 0) {
     return;
@@ -58,21 +76,28 @@ void copy_windows_cpu(const void* source, void* destination, const WindowGeometr
   char* dst = static_cast<char*>(destination);
   auto copy_run = [src, dst, merge](int64_t image_offset, int64_t window_offset, int64_t bytes) {
     if (merge) {
-      std::memcpy(dst + image_offset, src + window_offset, bytes);
+      copy_run_bytes(dst + image_offset, src + window_offset, bytes);
     } else {
-      std::memcpy(dst + window_offset, src + image_offset, bytes);
+      copy_run_bytes(dst + window_offset, src + image_offset, bytes);
     }
   };
   const int64_t grain = std::max<int64_t>(1, kMinBytesPerTask / window_row_bytes);
 
   at::parallel_for(0, num_window_rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t window_index = row / g.window;
-      const int64_t i = row - window_index * g.window;
-      const int64_t b = window_index / windows_per_image;
-      const int64_t window_in_image = window_index - b * windows_per_image;
-      const int64_t wh = window_in_image / windows_per_row;
-      const int64_t ww = window_in_image - wh * windows_per_row;
+    for (int64_t step = begin; step < end; ++step) {
+      // band = b * windows_per_column + wh: one horizontal band of windows.
+      int64_t band, i, ww;
+      if (merge) {
+        i = step % g.window;
+        ww = (step / g.window) % windows_per_row;
+        band = step / g.window / windows_per_row;
+      } else {
+        ww = step % windows_per_row;
+        i = (step / windows_per_row) % g.window;
+        band = step / windows_per_row / g.window;
+      }
+      const int64_t b = band / windows_per_column;
+      const int64_t wh = band - b * windows_per_column;
 
       int64_t h = wh * g.window + i + g.shift_h;
       h = h >= g.height ? h - g.height : h;
@@ -82,7 +107,7 @@ void copy_windows_cpu(const void* source, void* destination, const WindowGeometr
       const int64_t second_run_bytes = window_row_bytes - first_run_bytes;
 
       const int64_t image_row_offset = (b * g.height + h) * g.width * g.pixel_bytes;
-      const int64_t window_row_offset = row * window_row_bytes;
+      const int64_t window_row_offset = ((band * windows_per_row + ww) * g.window + i) * window_row_bytes;
       copy_run(image_row_offset + w0 * g.pixel_bytes, window_row_offset, first_run_bytes);
       if (second_run_bytes > 0) {
         copy_run(image_row_offset, window_row_offset + first_run_bytes, second_run_bytes);
