@@ -284,21 +284,30 @@ def load_pretrained(config, model: torch.nn.Module) -> None:
     The 21841 -> 1000 head uses the shipped ImageNet-22K -> 1K class map; ``MODEL.PRETRAINED_CLASS_MAP``
     gives a map for any other pair of class sets.
     """
+    from config import IMAGENET22K_NUM_CLASSES
     from models.state_dict import adapt_state_dict
 
     path = config.MODEL.PRETRAINED
-    state_dict = extract_state_dict(load_checkpoint_file(path))
+    checkpoint = load_checkpoint_file(path)
+    try:
+        state_dict = extract_state_dict(checkpoint)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from error
     head = state_dict.get("head.weight", state_dict.get("head.fc.weight"))
-    class_map = None
+    class_map_file = None
     if config.MODEL.PRETRAINED_CLASS_MAP:
-        class_map = read_class_map(config.MODEL.PRETRAINED_CLASS_MAP)
-    elif head is not None and head.shape[0] == 21841 and config.MODEL.NUM_CLASSES == 1000:
-        class_map = read_class_map(MAP_22K_TO_1K)
+        class_map_file = config.MODEL.PRETRAINED_CLASS_MAP
+    elif head is not None and head.shape[0] == IMAGENET22K_NUM_CLASSES and config.MODEL.NUM_CLASSES == 1000:
+        class_map_file = MAP_22K_TO_1K
+    class_map = read_class_map(class_map_file) if class_map_file else None
     try:
         adapted, report = adapt_state_dict(state_dict, model, class_map)
     except ValueError as error:
         raise CheckpointError(f"{path}: {error}") from error
     model.load_state_dict(adapted, strict=False)
+    if class_map is not None and head is not None:
+        logger.info("the head takes %d rows of the pretrained %d-class head, as listed in %s", len(class_map),
+                    head.shape[0], class_map_file)
     logger.info("pretrained weights from %s: %s", path, report.summary())
 
 

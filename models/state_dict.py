@@ -11,6 +11,8 @@ logger = logging.getLogger(__name__)
 
 # Buffers that released checkpoints carry but that are derived from shapes, not learned.
 DERIVED_BUFFER_SUFFIXES = ("relative_position_index", "attn_mask")
+# The classifier, in our layout; the only tensors whose shape follows the class count.
+HEAD_KEYS = ("head.weight", "head.bias")
 
 
 @dataclass
@@ -21,11 +23,12 @@ class LoadReport:
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     resized: List[str] = field(default_factory=list)
+    class_mapped: List[str] = field(default_factory=list)  # head tensors whose rows a class map selected
     reinitialised: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"{len(self.loaded)} tensors loaded"]
-        for name in ("resized", "reinitialised", "dropped_derived", "missing", "unexpected"):
+        for name in ("resized", "class_mapped", "reinitialised", "dropped_derived", "missing", "unexpected"):
             keys = getattr(self, name)
             if keys:
                 shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
@@ -145,13 +148,14 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module,
     """Fits a pretrained Swin state dict to ``model`` for fine-tuning.
 
     Derived buffers are dropped; relative position bias tables and the absolute position embedding
-    are resized bicubically to the model's windows and resolution; the head takes the rows in
-    ``class_map`` (one pretrained row per class of the model) or, when its size differs and there is
-    no map, is left freshly initialised with a warning.
+    are resized bicubically to the model's windows and resolution. With ``class_map`` (one pretrained
+    row per class of the model) the head takes those rows, whatever the two class counts are. Without
+    it, a head of another size, or no head in the checkpoint, leaves the model's freshly initialised
+    head in place with a warning.
 
     Raises:
-        ValueError: an unexpected learned key, a missing one other than the head, or a shape that
-            cannot be adapted.
+        ValueError: an unexpected learned key, a missing one other than the head, a shape that cannot be
+            adapted, or a class map that does not fit the model or the pretrained head.
     """
     if is_timm_layout(state_dict):
         state_dict = timm_to_ours(state_dict)
@@ -174,7 +178,7 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module,
             height, width = model.patch_embed.patches_resolution
             value = resize_absolute_pos_embed(value, height, width)
             report.resized.append(key)
-        elif key.startswith("head.") and value.shape != target:
+        elif key in HEAD_KEYS and (class_map is not None or value.shape != target):
             value = _adapt_head(key, value, target, class_map, report)
             if value is None:
                 continue
@@ -182,6 +186,11 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module,
             raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} cannot be adapted to the model's "
                              f"{tuple(target)}; is it another architecture? check MODEL.SWIN.*")
         adapted[key] = value
+    absent_head = [k for k in HEAD_KEYS if k in own and k not in state_dict]
+    if absent_head:
+        logger.warning("the pretrained weights have no classifier head (%s); the model's head keeps its fresh "
+                       "initialisation", ", ".join(absent_head))
+        report.reinitialised.extend(absent_head)
     report.missing = [k for k in own if k not in adapted and k not in report.reinitialised]
     if report.unexpected or report.missing:
         raise ValueError(f"pretrained weights do not fit this model: unexpected {report.unexpected[:8]}, "
@@ -195,13 +204,15 @@ def _adapt_head(key: str, value: torch.Tensor, target: torch.Size, class_map: Op
     """Selects the mapped rows of a pretrained head, or returns None to keep the model's fresh head."""
     if class_map is not None:
         if len(class_map) != target[0]:
-            raise ValueError(f"the class map has {len(class_map)} entries but the model has {target[0]} classes")
+            raise ValueError(f"the class map has {len(class_map)} entries but the model has {target[0]} classes "
+                             "(MODEL.NUM_CLASSES); it needs one pretrained row per class of the model")
         if max(class_map) >= value.shape[0] or min(class_map) < 0:
-            raise ValueError(f"the class map names rows up to {max(class_map)} but the pretrained head has "
-                             f"{value.shape[0]} rows")
-        report.resized.append(key)
+            raise ValueError(f"the class map names rows {min(class_map)}..{max(class_map)} but the pretrained "
+                             f"head has rows 0..{value.shape[0] - 1}")
+        report.class_mapped.append(key)
         return value[torch.as_tensor(class_map)]
-    logger.warning("%s: pretrained head has %d classes, the model %d; the head is re-initialised (give "
-                   "MODEL.PRETRAINED_CLASS_MAP to keep mapped rows)", key, value.shape[0], target[0])
+    if key == "head.weight":  # one warning for the head, not one per tensor
+        logger.warning("pretrained head has %d classes, the model %d; the head is re-initialised (give "
+                       "MODEL.PRETRAINED_CLASS_MAP to keep mapped rows)", value.shape[0], target[0])
     report.reinitialised.append(key)
     return None
