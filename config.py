@@ -64,7 +64,8 @@ _C.MODEL.SWIN.QK_SCALE = None  # None: head_dim ** -0.5
 _C.MODEL.SWIN.APE = False  # absolute position embedding
 _C.MODEL.SWIN.PATCH_NORM = True
 # Beyond the reference:
-_C.MODEL.SWIN.ATTN_IMPL = "sdpa"  # sdpa (scaled_dot_product_attention) | explicit (softmax(q k^T + bias) v)
+# auto (explicit for CPU training, else sdpa) | sdpa (scaled_dot_product_attention) | explicit (softmax written out)
+_C.MODEL.SWIN.ATTN_IMPL = "auto"
 
 # Beyond the reference:
 _C.MODEL.PRETRAINED_CLASS_MAP = ""  # text file: for each class of this model, the row of the pretrained head
@@ -316,7 +317,7 @@ def _check(config: CN) -> None:
         "DATA.DATASET": (config.DATA.DATASET, ("imagenet", "imagenet22K", "folder")),
         "DATA.CACHE_MODE": (config.DATA.CACHE_MODE, ("no", "part", "full")),
         "AMP_DTYPE": (config.AMP_DTYPE, ("float16", "bfloat16")),
-        "MODEL.SWIN.ATTN_IMPL": (config.MODEL.SWIN.ATTN_IMPL, ("sdpa", "explicit")),
+        "MODEL.SWIN.ATTN_IMPL": (config.MODEL.SWIN.ATTN_IMPL, ("auto", "sdpa", "explicit")),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:

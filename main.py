@@ -27,7 +27,8 @@ from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
 from utils import (CheckpointError, get_rank, get_world_size, init_distributed, is_main_process, load_pretrained,
-                   resume_candidates, resume_training, save_training_checkpoint, seed_everything)
+                   resume_candidates, resume_training, save_training_checkpoint, seed_everything,
+                   shutdown_distributed)
 
 logger = logging.getLogger("main")
 
@@ -245,6 +246,9 @@ def cli(argv=None) -> int:
         logger.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        # A process group left open at exit can hang the interpreter's shutdown.
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -64,6 +64,12 @@ def init_distributed() -> torch.device:
     return device
 
 
+def shutdown_distributed() -> None:
+    """Leaves the process group, if this process joined one."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over processes, in place; the identity in a single process."""
     if is_distributed():

@@ -14,7 +14,8 @@ from data.build import Loaders, build_dataset, build_loader
 from data.datasets import FolderDataset, ImageDataset, ImageListDataset, ZipDataset
 from data.digits import digits_ready, prepare_digits
 from data.errors import DataError
-from data.samplers import DistributedTrainSampler, ResumableSampler, ShardedEvalSampler, ShardTrainSampler
+from data.samplers import (DistributedTrainSampler, ResumableSampler, SeededSampler, ShardedEvalSampler,
+                           ShardTrainSampler)
 from data.transforms import build_mixup, build_transform
 from data.ziparchive import make_zip_dataset
 
@@ -26,6 +27,7 @@ __all__ = [
     "ImageListDataset",
     "Loaders",
     "ResumableSampler",
+    "SeededSampler",
     "ShardTrainSampler",
     "ShardedEvalSampler",
     "ZipDataset",

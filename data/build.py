@@ -16,7 +16,8 @@ from data.datasets import FolderDataset, ImageDataset, ImageListDataset, Transfo
 from data.digits import digits_ready, prepare_digits
 from data.errors import DataError
 from data.layout import FOLDER_LAYOUT, IMAGENET22K_LAYOUT, ZIP_LAYOUT, find_classes, read_map_file
-from data.samplers import DistributedTrainSampler, ResumableSampler, ShardedEvalSampler, ShardTrainSampler
+from data.samplers import (DistributedTrainSampler, ResumableSampler, SeededSampler, ShardedEvalSampler,
+                           ShardTrainSampler)
 from data.transforms import build_mixup, build_transform
 
 logger = logging.getLogger(__name__)
@@ -113,9 +114,11 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, eval_only:
         raise DataError(f"each process gets {len(train_sampler)} training images per epoch, fewer than one batch "
                         f"of DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} (incomplete batches are dropped), so "
                         "no step would run. Lower --batch-size or use more data.")
+    # Each sample's augmentation is seeded from (seed, epoch, position), so a resumed run repeats it exactly.
+    seeded = SeededSampler(train_sampler, seed=config.SEED * 1000 + rank)
     generator = torch.Generator()
-    generator.manual_seed(config.SEED + rank)  # different augmentations on each rank, reproducible
-    train_loader = _data_loader(train_dataset, train_sampler, config, drop_last=True, generator=generator)
+    generator.manual_seed(config.SEED + rank)  # the loader's own draws leave the global stream alone
+    train_loader = _data_loader(train_dataset, seeded, config, drop_last=True, generator=generator)
 
     val_dataset = build_dataset(False, config, rank, world_size)
     val_sampler = ShardedEvalSampler(len(val_dataset), rank, world_size, shuffle_val, config.SEED)

@@ -7,13 +7,15 @@ worker counts what it reads). The run stops with :class:`DataError` once at leas
 :data:`MIN_BAD_TO_STOP` images were unreadable and they are more than ``max_bad_fraction`` of the images
 read; ``max_bad_fraction`` 0 stops at the first unreadable image.
 """
+import contextlib
 import io
 import json
 import logging
 import os
+import random
 import struct
 import zlib
-from typing import BinaryIO, Callable, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -70,6 +72,22 @@ def too_many_bad(num_bad: int, num_read: int, max_bad_fraction: float) -> bool:
     return num_bad >= MIN_BAD_TO_STOP and num_bad > max_bad_fraction * num_read
 
 
+@contextlib.contextmanager
+def seeded_random_streams(seed: int):
+    """Seeds Python's, NumPy's and torch's global random streams (which the transforms draw from) for the
+    duration of the block, then puts back what was there, so the caller's streams do not move."""
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+
+
 def decode_image(stream: BinaryIO) -> Image.Image:
     """Decodes an image fully into an RGB PIL image (all decoding errors surface here, not later)."""
     image = Image.open(stream)
@@ -106,10 +124,16 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+    def __getitem__(self, item: Union[int, Tuple[int, int]]) -> Tuple[torch.Tensor, int]:
+        """Item ``index``, or ``(index, seed)`` to draw its random augmentation from ``seed`` alone."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
         image, used = self._first_readable(index)
         if self.transform is not None:
-            image = self.transform(image)
+            if seed is None:
+                image = self.transform(image)
+            else:
+                with seeded_random_streams(seed):
+                    image = self.transform(image)
         return image, int(self.labels[used])
 
     @property

@@ -11,7 +11,7 @@ The position to save is what the training loop has consumed (completed steps tim
 not how far the sampler has been iterated: DataLoader workers fetch batches ahead of the loop.
 """
 import math
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 from torch.utils.data import Sampler
@@ -160,3 +160,36 @@ class ShardedEvalSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.shard)
+
+
+class SeededSampler(Sampler[Tuple[int, int]]):
+    """Pairs each index of a training sampler with a seed for that sample's random augmentation.
+
+    The seed depends only on ``seed``, the epoch and the sample's position in this rank's epoch order, not
+    on which loader worker fetches it or whether the epoch was resumed half-way, so a resumed run
+    augments every image exactly as the uninterrupted run would have, with any number of workers.
+    ``set_epoch`` and ``skip`` stay on the wrapped sampler.
+
+    Args:
+        sampler: the training sampler whose order is followed.
+        seed: the run's seed; different ranks should pass different seeds.
+    """
+
+    def __init__(self, sampler: ResumableSampler, seed: int):
+        self.sampler = sampler
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        epoch, start = self.sampler.epoch, self.sampler.start
+        for position, index in enumerate(self.sampler, start=start):
+            yield index, sample_seed(self.seed, epoch, position)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """A 63-bit seed that differs for every (seed, epoch, position)."""
+    generator = torch.Generator()
+    generator.manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + position)
+    return int(torch.randint(0, 2 ** 62, (1,), generator=generator))

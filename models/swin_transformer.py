@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 # Added to the attention logits of token pairs that must not attend to each other. The reference uses
 # -100 rather than -inf: exp(-100) is 0 in every float format, and a fully masked row stays finite.
 MASK_VALUE = -100.0
+ATTN_IMPLS = ("auto", "sdpa", "explicit")
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -94,16 +95,18 @@ class WindowAttention(nn.Module):
         qkv_bias: learn a bias for query, key and value.
         qk_scale: logit scale; None means head_dim ** -0.5.
         attn_drop, proj_drop: dropout rates.
-        attn_impl: "sdpa" (scaled_dot_product_attention, bias and mask folded into one additive mask)
-            or "explicit" (softmax written out).
+        attn_impl: "sdpa" (scaled_dot_product_attention, bias and mask folded into one additive mask),
+            "explicit" (softmax written out) or "auto": explicit when training on the CPU, else sdpa. On the
+            CPU, PyTorch's fused attention kernel has no gradient for an additive mask, so training falls back
+            to its generic path, which measured slower than the explicit one (README, Performance).
     """
 
     def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 attn_impl: str = "sdpa"):
+                 attn_impl: str = "auto"):
         super().__init__()
-        if attn_impl not in ("sdpa", "explicit"):
-            raise ValueError(f"attn_impl must be 'sdpa' or 'explicit', got {attn_impl!r}")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {', '.join(ATTN_IMPLS)}; got {attn_impl!r}")
         self.dim = dim
         self.window_size = window_size
         self.num_heads = num_heads
@@ -138,12 +141,17 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(x).reshape(BnW, N, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B * nW, nH, N, d)
         bias = self.relative_position_bias()
-        if self.attn_impl == "sdpa":
+        if self._use_sdpa(x):
             x = self._sdpa(q, k, v, bias, mask)
         else:
             x = self._explicit(q, k, v, bias, mask)
         x = x.transpose(1, 2).reshape(BnW, N, C)
         return self.proj_drop(self.proj(x))
+
+    def _use_sdpa(self, x: torch.Tensor) -> bool:
+        if self.attn_impl == "auto":
+            return not (x.device.type == "cpu" and torch.is_grad_enabled())
+        return self.attn_impl == "sdpa"
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
               mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -192,7 +200,7 @@ class SwinTransformerBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift_size: int = 0,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, attn_impl: str = "sdpa",
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, attn_impl: str = "auto",
                  fused_window_process: bool = False):
         super().__init__()
         if not 0 <= shift_size < window_size:
@@ -304,7 +312,7 @@ class BasicLayer(nn.Module):
     def __init__(self, dim: int, input_resolution: Tuple[int, int], depth: int, num_heads: int, window_size: int,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: Sequence[float] = (), downsample: bool = False,
-                 use_checkpoint: bool = False, attn_impl: str = "sdpa", fused_window_process: bool = False):
+                 use_checkpoint: bool = False, attn_impl: str = "auto", fused_window_process: bool = False):
         super().__init__()
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
@@ -405,7 +413,7 @@ class SwinTransformer(nn.Module):
         img_size: configured input size; fixes the stage resolutions, windows and position embedding.
         patch_size, in_chans, num_classes, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias,
         qk_scale, drop_rate, attn_drop_rate, drop_path_rate, ape, patch_norm, use_checkpoint: as the reference.
-        attn_impl: "sdpa" or "explicit" attention.
+        attn_impl: "auto", "sdpa" or "explicit" attention (see WindowAttention).
         fused_window_process: use the fused roll + partition kernel where it is available.
     """
 
@@ -414,7 +422,7 @@ class SwinTransformer(nn.Module):
                  window_size: int = 7, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, ape: bool = False, patch_norm: bool = True,
-                 use_checkpoint: bool = False, attn_impl: str = "sdpa", fused_window_process: bool = False):
+                 use_checkpoint: bool = False, attn_impl: str = "auto", fused_window_process: bool = False):
         super().__init__()
         self.num_classes = num_classes
         self.num_layers = len(depths)

@@ -474,3 +474,22 @@ def test_build_mixup():
                                           "AUG.CUTMIX_MINMAX", "[0.2, 0.8]"])) is not None
     with pytest.raises(ConfigError, match="even DATA.BATCH_SIZE"):
         build_mixup(load_config(None, ["DATA.BATCH_SIZE", "3"]))
+
+
+def test_resumed_epoch_repeats_the_augmentation_with_any_number_of_workers(tmp_path):
+    root = make_folder_dataset(tmp_path)
+    opts = ["DATA.BATCH_SIZE", "2", "AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc1", "AUG.REPROB", "0.5"]
+
+    def batches(workers, skip):
+        loaders = build_loader(make_config(root, *opts, "DATA.NUM_WORKERS", str(workers)))
+        loaders.train_sampler.set_epoch(3)
+        loaders.train_sampler.skip(skip)
+        return [images for images, _ in loaders.train_loader]
+
+    straight = batches(0, 0)
+    assert len(straight) >= 3
+    for workers in (0, 2):
+        resumed = batches(workers, 2)
+        assert len(resumed) == len(straight) - 1
+        for expected, got in zip(straight[1:], resumed):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)

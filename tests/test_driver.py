@@ -1,6 +1,7 @@
 """main.py end to end on the digits demo: training, exact evaluation, resume, DDP on CPU, throughput."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -73,16 +74,28 @@ def test_throughput_mode_needs_no_data(tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_at_the_right_epoch_and_learning_rate(digits_root, tmp_path):
-    common = ["--data-path", digits_root, "--opts", "TRAIN.WARMUP_EPOCHS", "1"] + SMALL
-    run_main(common + ["TRAIN.EPOCHS", "3"], tmp_path / "straight")
-    run_main(common + ["TRAIN.EPOCHS", "2"], tmp_path / "resumed")
-    result = run_main(common + ["TRAIN.EPOCHS", "3"], tmp_path / "resumed")
+    common = ["--data-path", digits_root, "--opts", "TRAIN.WARMUP_EPOCHS", "1", "TRAIN.EPOCHS", "3"] + SMALL
+    run_main(common, tmp_path / "straight")
+    straight_dir = tmp_path / "straight" / "swin_micro_digits" / "default"
+    # The same run as if it had stopped after epoch 1: its last checkpoint and log lines removed.
+    resumed_dir = tmp_path / "resumed" / "swin_micro_digits" / "default"
+    shutil.copytree(straight_dir, resumed_dir)
+    os.remove(resumed_dir / "ckpt_epoch_2.pth")
+    with open(resumed_dir / "checkpoints.json") as f:
+        manifest = json.load(f)
+    manifest["checkpoints"] = [e for e in manifest["checkpoints"] if e["file"] != "ckpt_epoch_2.pth"]
+    with open(resumed_dir / "checkpoints.json", "w") as f:
+        json.dump(manifest, f)
+    with open(resumed_dir / "metrics.jsonl") as f:
+        lines = f.readlines()[:2]
+    with open(resumed_dir / "metrics.jsonl", "w") as f:
+        f.writelines(lines)
+    result = run_main(common, tmp_path / "resumed")
     assert "continuing at epoch 2, update 0" in result.stdout
-    straight = read_metrics(tmp_path / "straight" / "swin_micro_digits" / "default")
-    resumed = read_metrics(tmp_path / "resumed" / "swin_micro_digits" / "default")
+    straight, resumed = read_metrics(straight_dir), read_metrics(resumed_dir)
     assert [r["epoch"] for r in resumed] == [0, 1, 2]
     assert resumed[-1]["train_lr"] == straight[-1]["train_lr"]
-    assert resumed[-1]["val_acc1"] == straight[-1]["val_acc1"]
+    assert resumed[-1]["val_acc1"] == straight[-1]["val_acc1"] and resumed[-1]["val_loss"] == straight[-1]["val_loss"]
 
 
 @pytest.mark.slow

@@ -80,12 +80,15 @@ def assert_same_training(straight_dir, resumed_dir, log_name="log_rank0.txt"):
 
 @pytest.mark.slow
 def test_sigkill_at_a_random_step_then_auto_resume_is_exact(digits_root, tmp_path):
-    run_to_end(command(tmp_path / "straight", digits_root))
+    # Loader worker processes too: each sample's augmentation must not depend on which worker made it.
+    workers = ["DATA.NUM_WORKERS", "2"]
+    run_to_end(command(tmp_path / "straight", digits_root, workers))
     step = random.Random().randint(3, 40)
     resumed_dir = tmp_path / "killed" / RUN
-    process = kill_when_logged(command(tmp_path / "killed", digits_root), resumed_dir / "log_rank0.txt", step)
+    process = kill_when_logged(command(tmp_path / "killed", digits_root, workers), resumed_dir / "log_rank0.txt",
+                               step)
     assert process.wait(timeout=60) == -signal.SIGKILL
-    result = run_to_end(command(tmp_path / "killed", digits_root))
+    result = run_to_end(command(tmp_path / "killed", digits_root, workers))
     assert "continuing at epoch" in result.stdout
     assert_same_training(tmp_path / "straight" / RUN, resumed_dir)
 
