@@ -2,9 +2,8 @@
 import contextlib
 import datetime
 import logging
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
@@ -61,7 +60,6 @@ class EpochState:
     update: int = 0  # optimizer updates done in this epoch
     skipped_in_a_row: int = 0
     skipped_total: int = 0
-    history: list = field(default_factory=list)  # (global update, loss) at each logged step
 
 
 def _no_sync(model: nn.Module, skip: bool):
@@ -128,7 +126,8 @@ def train_one_epoch(parts: TrainParts, data_loader: Iterable, state: EpochState,
         log_scalar: TensorBoard-style ``(tag, value, global_update)``, called on logging steps.
 
     Returns:
-        Mean loss over the epoch's logged window, final lr, last grad norm, images/s, skipped steps.
+        Mean training loss of the micro-batches run in this call, final lr, last gradient norm, skipped
+        float16 steps and seconds taken.
 
     Raises:
         NonFiniteLossError: a NaN/inf loss in float32 or bfloat16, or too many skipped float16 steps.
@@ -139,25 +138,25 @@ def train_one_epoch(parts: TrainParts, data_loader: Iterable, state: EpochState,
     params = [p for p in model.parameters() if p.requires_grad]
     batches_done = state.update * accum
     total_batches = batches_done + num_batches
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # since the last progress line
     loss_count = 0
+    epoch_loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     grad_norm = torch.zeros(())
     bad_loss = torch.zeros((), device=device, dtype=torch.bool)
     images_seen = 0
     start = window_start = time.time()
-    batch_size = 0
     parts.optimizer.zero_grad(set_to_none=True)
     for index, (images, targets) in enumerate(data_loader, start=batches_done):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        batch_size = images.shape[0]
         group_start = (index // accum) * accum
         group_size = min(accum, total_batches - group_start)
         last_of_group = index == group_start + group_size - 1
         loss = micro_step(parts, images, targets, device, precision, group_size, sync=last_of_group)
         loss_sum += loss
+        epoch_loss_sum += loss
         loss_count += 1
-        images_seen += batch_size
+        images_seen += images.shape[0]
         if not precision.needs_scaler:
             bad_loss |= ~torch.isfinite(loss)
         if not last_of_group:
@@ -177,7 +176,6 @@ def train_one_epoch(parts: TrainParts, data_loader: Iterable, state: EpochState,
         if log_now:
             elapsed = time.time() - window_start
             mean_loss = (loss_sum / max(loss_count, 1)).item()
-            state.history.append((global_update, mean_loss))
             _log_progress(parts, state, index + 1, total_batches, index + 1 - batches_done, mean_loss,
                           float(grad_norm), images_seen / elapsed,
                           time.time() - start, device, log_scalar, global_update)
@@ -187,9 +185,8 @@ def train_one_epoch(parts: TrainParts, data_loader: Iterable, state: EpochState,
             window_start = time.time()
         if on_update is not None:
             on_update(state)
-    return {"lr": parts.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-            "skipped_steps": state.skipped_total, "epoch_time": time.time() - start,
-            "loss": state.history[-1][1] if state.history else float("nan")}
+    return {"loss": (epoch_loss_sum / max(num_batches, 1)).item(), "lr": parts.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm), "skipped_steps": state.skipped_total, "epoch_time": time.time() - start}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -112,16 +112,19 @@ def peak_memory_mb(args, which: str, setting: str, mode: str) -> float:
 
 
 def run_child(args) -> None:
-    """Measures one model's peak memory for a few steps and prints it (MB)."""
+    """Measures one model's peak memory over a few steps and prints it (MB): CUDA max allocated, or on the
+    CPU the process's peak resident set (everything this process holds: torch, the model, activations)."""
     device = torch.device(args.device)
-    ours, timm_model = build_pair(args.model, args.img, not args.no_fused)
-    model = (ours if args.child == "ours" else timm_model).to(device)
+    arch = dict(img_size=args.img, window_size=7, drop_path_rate=0.0, **ARCHS[args.model])
+    if args.child == "ours":
+        model = SwinTransformer(**arch, fused_window_process=not args.no_fused).to(device)
+    else:
+        model = TimmSwin(**arch).to(device)
     images = torch.randn(args.batch, 3, args.img, args.img, device=device)
     targets = torch.randint(0, 1000, (args.batch,), device=device)
     dtype, _, compiled = args.child_setting.partition("-")
     infer, train = make_steps(model, images, targets, dtype, device, bool(compiled))
     step = infer if args.child_mode == "inference" else train
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(3):
@@ -129,7 +132,7 @@ def run_child(args) -> None:
     if device.type == "cuda":
         print(torch.cuda.max_memory_allocated(device) / 2 ** 20)
     else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def main() -> None:

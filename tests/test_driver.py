@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo", "swin_micro_digits.yaml")
