@@ -147,8 +147,11 @@ def main(argv=None) -> int:
 
 
 def evaluate_only(config: CfgNode, model: nn.Module, loaders, device: torch.device) -> int:
-    if config.MODEL.RESUME:
-        resume_training(config, model, None, None, None, None, None)
+    # As in the reference, --eval evaluates --resume, else the newest checkpoint of the run (auto-resume),
+    # else the --pretrained weights.
+    resume_training(config, model)
+    if not (config.MODEL.RESUME or config.MODEL.PRETRAINED or resume_candidates(config.OUTPUT)):
+        logger.warning("evaluating randomly initialised weights: give --resume or --pretrained")
     metrics = validate(model, loaders.val_loader, device, build_precision(config, evaluation=True),
                        len(loaders.val_dataset), config.PRINT_FREQ)
     logger.info("accuracy of the network on the %d test images: acc@1 %.3f%% acc@5 %.3f%% loss %.4f",
@@ -171,7 +174,7 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
                        scaler=torch.amp.GradScaler(device.type) if precision.needs_scaler else None,
                        model_ema=model_ema, mixup_fn=loaders.mixup_fn, clip_grad=config.TRAIN.CLIP_GRAD,
                        accumulation_steps=accum, max_skipped_steps=config.TRAIN.MAX_SKIPPED_STEPS)
-    progress = resume_training(config, model, optimizer, lr_scheduler, parts.scaler, model_ema, loaders.train_sampler)
+    progress = resume_training(config, model, optimizer, lr_scheduler, parts.scaler, model_ema)
     if is_main_process():
         # Written only once everything has started, so a failed start leaves the folder as it was.
         with open(os.path.join(config.OUTPUT, "config.yaml"), "w") as f:
@@ -210,7 +213,7 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
         except NonFiniteLossError as error:
             newest = resume_candidates(config.OUTPUT)
             raise NonFiniteLossError(f"{error} Last good checkpoint: {newest[0] if newest else 'none saved yet'}; "
-                                     "it is intact and the run resumes from it.") from error
+                                     "it is intact: rerun the same command to resume from it.") from error
         metrics = validate(model, loaders.val_loader, device, eval_precision, len(loaders.val_dataset))
         is_best = metrics["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, metrics["acc1"])

@@ -324,11 +324,11 @@ class Progress:
         self.epoch, self.update, self.max_accuracy = epoch, update, max_accuracy
 
 
-def resume_training(config, model, optimizer, lr_scheduler, scaler, model_ema, sampler) -> Progress:
+def resume_training(config, model, optimizer=None, lr_scheduler=None, scaler=None, model_ema=None) -> Progress:
     """Restores ``MODEL.RESUME``, else (with ``TRAIN.AUTO_RESUME``) the newest valid checkpoint of the run.
 
-    Optimizer, schedule, scaler and EMA are restored when given; RNG states are restored per rank.
-    ``sampler`` is unused here: the driver skips it to the restored position.
+    Optimizer, schedule, scaler and EMA are restored when given (evaluation passes None and takes the
+    weights only); RNG states are restored per rank. The driver skips the sampler to the restored position.
 
     Raises:
         CheckpointError: ``MODEL.RESUME`` is missing, unreadable or of another architecture.
@@ -338,7 +338,7 @@ def resume_training(config, model, optimizer, lr_scheduler, scaler, model_ema, s
     if config.MODEL.RESUME:
         checkpoint = load_checkpoint_file(config.MODEL.RESUME)
         checkpoint["path"] = config.MODEL.RESUME
-    elif config.TRAIN.AUTO_RESUME and optimizer is not None:
+    elif config.TRAIN.AUTO_RESUME:
         checkpoint = find_resumable(config.OUTPUT)
         if checkpoint is None:
             logger.info("no checkpoint in %s; starting from scratch", config.OUTPUT)
