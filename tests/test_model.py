@@ -261,3 +261,21 @@ def test_drop_derived_buffers_lists_what_it_dropped():
     state = {"a.relative_position_index": torch.zeros(1), "b.attn_mask": torch.zeros(1), "c.weight": torch.zeros(1)}
     kept, dropped = drop_derived_buffers(state)
     assert list(kept) == ["c.weight"] and sorted(dropped) == ["a.relative_position_index", "b.attn_mask"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_block_compiles_without_graph_breaks(fused):
+    torch.manual_seed(0)
+    model = tiny_model(fused_window_process=fused).eval()
+    stage = model.layers[0]
+    block = stage.blocks[1]  # a shifted block, with its mask
+    assert block.shift_size > 0
+    _, shifted_mask = stage.masks(16, 16, torch.device("cpu"))
+    x = torch.randn(2, 16, 16, 16)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, shifted_mask), block(x, shifted_mask))
+    block.train()
+    x.requires_grad_(True)
+    compiled(x, shifted_mask).sum().backward()
+    assert x.grad is not None and block.attn.relative_position_bias_table.grad is not None
