@@ -59,9 +59,24 @@ def init_distributed() -> torch.device:
     if world_size > 1 and not is_distributed():
         backend = "nccl" if device.type == "cuda" else "gloo"
         # The timeout bounds how long the survivors wait when a peer dies, so torchrun can restart the group.
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10),
+        timeout = datetime.timedelta(minutes=10)
+        dist.init_process_group(backend, store=_rendezvous_store(world_size, timeout), rank=int(os.environ["RANK"]),
+                                world_size=world_size, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     return device
+
+
+def _rendezvous_store(world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The key-value store at MASTER_ADDR:MASTER_PORT, its keys prefixed by torchrun's restart count.
+
+    After ``torchrun --max-restarts`` restarts a group, the agent's store still holds the previous
+    attempt's addresses, and gloo's new processes would try to connect to the dead ones. The prefix gives
+    every attempt keys of its own.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=int(os.environ["RANK"]) == 0 and not agent_hosts_store, timeout=timeout)
+    return dist.PrefixStore(f"swin/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown_distributed() -> None:
