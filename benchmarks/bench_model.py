@@ -135,6 +135,20 @@ def run_child(args) -> None:
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
+def print_profiles(steps: Dict[str, Callable[[], None]], rows: int) -> None:
+    """The top operators by self time of one call of each step (torch.profiler), to see where time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for name, fn in steps.items():
+        fn()
+        with profile(activities=activities) as prof:
+            fn()
+        sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        print(f"\n== profile: {name} ==")
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(ARCHS), default="tiny")
@@ -148,6 +162,8 @@ def main() -> None:
     parser.add_argument("--no-fused", action="store_true", help="do not use the fused window kernel in our model")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="also print the top ROWS operators of each model's step (torch.profiler)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-setting", help=argparse.SUPPRESS)
     parser.add_argument("--child-mode", help=argparse.SUPPRESS)
@@ -177,6 +193,8 @@ def main() -> None:
             infer, train = make_steps(model, images, targets, dtype, device, bool(compiled))
             steps[f"{which} inference"], steps[f"{which} training"] = infer, train
         seconds = alternate(steps, device, args.warmup, args.iterations, args.rounds)
+        if args.profile:
+            print_profiles(steps, args.profile)
         for mode, flops_per_image in (("inference", 2 * macs), ("training", 6 * macs)):
             ours_ips = args.batch / seconds[f"ours {mode}"]
             timm_ips = args.batch / seconds[f"timm {mode}"]
