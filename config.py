@@ -13,6 +13,9 @@ from typing import Any, Iterable, Optional, Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
+from lr_scheduler import SCHEDULERS
+from optimizer import OPTIMIZERS
+
 logger = logging.getLogger(__name__)
 
 # 22K pretraining always has this many classes; see finalize().
@@ -93,7 +96,7 @@ _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = "cosine"  # cosine | linear | step | multistep
 _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30  # step: epochs between decays
 _C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1  # step: factor per decay
-_C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True  # the decay starts after warmup instead of at step 0
+_C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True  # cosine only: the decay starts after warmup instead of at step 0
 _C.TRAIN.LR_SCHEDULER.GAMMA = 0.1  # multistep: factor per milestone
 _C.TRAIN.LR_SCHEDULER.MULTISTEPS = []  # multistep: milestone epochs
 
@@ -297,7 +300,10 @@ def merge_args(config: CN, args: Any) -> None:
 
 
 def _check(config: CN) -> None:
-    """Rejects values that would fail later, with the key and a way to fix it."""
+    """Rejects values that would fail later, with the key, the valid values and a way to fix it.
+
+    Everything that can be known from the config alone is checked here, before any data is read.
+    """
     positive = {
         "DATA.BATCH_SIZE": config.DATA.BATCH_SIZE,
         "DATA.IMG_SIZE": config.DATA.IMG_SIZE,
@@ -305,27 +311,81 @@ def _check(config: CN) -> None:
         "MODEL.NUM_CLASSES": config.MODEL.NUM_CLASSES,
         "MODEL.SWIN.WINDOW_SIZE": config.MODEL.SWIN.WINDOW_SIZE,
         "MODEL.SWIN.PATCH_SIZE": config.MODEL.SWIN.PATCH_SIZE,
+        "MODEL.SWIN.EMBED_DIM": config.MODEL.SWIN.EMBED_DIM,
+        "MODEL.SWIN.IN_CHANS": config.MODEL.SWIN.IN_CHANS,
         "SAVE_FREQ": config.SAVE_FREQ,
         "PRINT_FREQ": config.PRINT_FREQ,
     }
+    if not (config.EVAL_MODE or config.THROUGHPUT_MODE):
+        positive["TRAIN.EPOCHS"] = config.TRAIN.EPOCHS  # --eval and --throughput train nothing
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be a positive number, got {value}")
-    if config.DATA.NUM_WORKERS < 0:
-        raise ConfigError(f"DATA.NUM_WORKERS must be 0 or more, got {config.DATA.NUM_WORKERS}")
+    for key, value in {"DATA.NUM_WORKERS": config.DATA.NUM_WORKERS,
+                       "TRAIN.WARMUP_EPOCHS": config.TRAIN.WARMUP_EPOCHS}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be 0 or more, got {value}")
     choices = {
         "DATA.DATASET": (config.DATA.DATASET, ("imagenet", "imagenet22K", "folder")),
         "DATA.CACHE_MODE": (config.DATA.CACHE_MODE, ("no", "part", "full")),
         "AMP_DTYPE": (config.AMP_DTYPE, ("float16", "bfloat16")),
         "MODEL.SWIN.ATTN_IMPL": (config.MODEL.SWIN.ATTN_IMPL, ("auto", "sdpa", "explicit")),
+        "MODEL.TYPE": (config.MODEL.TYPE, _model_types()),
+        # Lower-cased as the reference does, so --optim AdamW works.
+        "TRAIN.OPTIMIZER.NAME (--optim)": (str(config.TRAIN.OPTIMIZER.NAME).lower(), OPTIMIZERS),
+        "TRAIN.LR_SCHEDULER.NAME": (config.TRAIN.LR_SCHEDULER.NAME, SCHEDULERS),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{key} must be one of {', '.join(valid)}; got {value!r}")
+    _check_swin(config)
+    _check_schedule(config)
+
+
+def _model_types() -> list:
+    """The registered ``MODEL.TYPE`` names; imported here so that importing this module stays light."""
+    from models import build
+
+    return sorted(build._BUILDERS)
+
+
+def _check_swin(config: CN) -> None:
+    """Stage lists of positive integers, one per stage, and an image size every stage can work on."""
     swin = config.MODEL.SWIN
+    for key, values in (("MODEL.SWIN.DEPTHS", swin.DEPTHS), ("MODEL.SWIN.NUM_HEADS", swin.NUM_HEADS)):
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise ConfigError(f"{key} must be a list of positive integers, one per stage, like [2, 2, 6, 2]; "
+                              f"got {list(values)!r}")
     if len(swin.DEPTHS) != len(swin.NUM_HEADS):
-        raise ConfigError(f"MODEL.SWIN.DEPTHS {swin.DEPTHS} and MODEL.SWIN.NUM_HEADS {swin.NUM_HEADS} "
-                          "need one entry per stage each")
+        raise ConfigError(f"MODEL.SWIN.DEPTHS {list(swin.DEPTHS)} ({len(swin.DEPTHS)} stages) and "
+                          f"MODEL.SWIN.NUM_HEADS {list(swin.NUM_HEADS)} ({len(swin.NUM_HEADS)} entries) need one "
+                          "entry per stage each")
+    for stage, heads in enumerate(swin.NUM_HEADS):
+        dim = swin.EMBED_DIM * 2 ** stage
+        if dim % heads:
+            raise ConfigError(f"MODEL.SWIN.NUM_HEADS[{stage}] = {heads} must divide the width of stage {stage} "
+                              f"(MODEL.SWIN.EMBED_DIM {swin.EMBED_DIM} x 2^{stage} = {dim})")
+    # Each stage after the first halves the map of PATCH_SIZE patches; the last one needs at least one token.
+    min_size = swin.PATCH_SIZE * 2 ** (len(swin.DEPTHS) - 1)
+    if config.DATA.IMG_SIZE < min_size:
+        raise ConfigError(f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} is too small: with MODEL.SWIN.PATCH_SIZE "
+                          f"{swin.PATCH_SIZE} and {len(swin.DEPTHS)} stages it must be at least {min_size}")
+
+
+def _check_schedule(config: CN) -> None:
+    """Values that only the chosen learning-rate schedule uses."""
+    sched = config.TRAIN.LR_SCHEDULER
+    if sched.NAME == "step" and sched.DECAY_EPOCHS <= 0:
+        raise ConfigError(f"TRAIN.LR_SCHEDULER.DECAY_EPOCHS must be a positive number for the step schedule, "
+                          f"got {sched.DECAY_EPOCHS}")
+    if sched.NAME == "multistep" and sched.MULTISTEPS:
+        steps = list(sched.MULTISTEPS)
+        if not all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in steps) or steps != sorted(steps):
+            raise ConfigError(f"TRAIN.LR_SCHEDULER.MULTISTEPS must be epochs in increasing order, got {steps!r}")
+        # The reference asserts this too: a milestone inside the warmup would be overwritten by it.
+        if steps[0] < config.TRAIN.WARMUP_EPOCHS:
+            raise ConfigError(f"TRAIN.LR_SCHEDULER.MULTISTEPS {steps} starts inside the warmup: every milestone "
+                              f"must be at least TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS})")
 
 
 def finalize(config: CN, world_size: int = 1) -> CN:
