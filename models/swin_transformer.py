@@ -5,7 +5,8 @@ multiple of its window and crops back, with attention masks built for the actual
 """
 import logging
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections import OrderedDict
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ logger = logging.getLogger(__name__)
 # -100 rather than -inf: exp(-100) is 0 in every float format, and a fully masked row stays finite.
 MASK_VALUE = -100.0
 ATTN_IMPLS = ("auto", "sdpa", "explicit")
+# Masks kept per stage for input sizes other than the configured one, least recently used dropped first, so
+# a stream of varying sizes (detection, multi-scale evaluation) cannot grow memory without bound.
+MASK_CACHE_SIZE = 8
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -31,14 +35,14 @@ def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
         (B * nW, window_size, window_size, C), windows ordered by image, then row, then column.
     """
     B, H, W, C = x.shape
-    x = x.view(B, H // window_size, window_size, W // window_size, window_size, C)
+    x = x.reshape(B, H // window_size, window_size, W // window_size, window_size, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, C)
 
 
 def window_reverse(windows: torch.Tensor, window_size: int, H: int, W: int) -> torch.Tensor:
     """Inverse of :func:`window_partition`: (B * nW, ws, ws, C) -> (B, H, W, C)."""
     C = windows.shape[-1]
-    x = windows.view(-1, H // window_size, W // window_size, window_size, window_size, C)
+    x = windows.reshape(-1, H // window_size, W // window_size, window_size, window_size, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
 
 
@@ -123,8 +127,8 @@ class WindowAttention(nn.Module):
     def relative_position_bias(self) -> torch.Tensor:
         """(num_heads, N, N) bias gathered from the table."""
         N = self.window_size ** 2
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(N, N, self.num_heads).permute(2, 0, 1)
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        return bias.reshape(N, N, self.num_heads).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention within each window.
@@ -166,7 +170,9 @@ class WindowAttention(nn.Module):
         attn_mask = (bias.unsqueeze(0) + mask.unsqueeze(1)).reshape(1, nW * nH, N, N).to(q.dtype)
         q, k, v = (t.reshape(BnW // nW, nW * nH, N, d) for t in (q, k, v))
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=self.scale)
-        return x.view(BnW, nH, N, d)
+        # CUDA's flash and memory-efficient kernels return (B, M, H, K) memory transposed to (B, H, M, K);
+        # only a reshape is valid for every layout a backend may return.
+        return x.reshape(BnW, nH, N, d)
 
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                   mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -174,8 +180,8 @@ class WindowAttention(nn.Module):
         attn = (q * self.scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)
         if mask is not None:
             nW = mask.shape[0]
-            attn = attn.view(BnW // nW, nW, nH, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(BnW, nH, N, N)
+            attn = attn.reshape(BnW // nW, nW, nH, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.reshape(BnW, nH, N, N)
         attn = self.attn_drop(attn.softmax(dim=-1))
         return attn @ v
 
@@ -257,8 +263,9 @@ class SwinTransformerBlock(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         Hp, Wp = H + pad_h, W + pad_w
-        windows = self._partition(x).view(-1, ws * ws, C)
-        windows = self.attn(windows, mask).view(-1, ws, ws, C)
+        # The fused op and attention kernels choose their output layouts: reshape, never view.
+        windows = self._partition(x).reshape(-1, ws * ws, C)
+        windows = self.attn(windows, mask).reshape(-1, ws, ws, C)
         x = self._merge(windows, B, Hp, Wp)
         if pad_h or pad_w:
             x = x[:, :H, :W, :].contiguous()
@@ -290,7 +297,7 @@ class PatchMerging(nn.Module):
         # The released weights of `reduction` expect the channel blocks ordered (row 0, col 0), (row 1, col 0),
         # (row 0, col 1), (row 1, col 1) of each 2x2 patch: column offset outer, row offset inner. A reshape
         # gives that order with one copy (strided slicing plus cat costs four, and four more in backward).
-        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
+        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
         return self.reduction(self.norm(x))
 
     def flops(self, H: int, W: int) -> int:
@@ -333,31 +340,44 @@ class BasicLayer(nn.Module):
         self.downsample = PatchMerging(dim) if downsample else None
         H, W = self.input_resolution
         self.register_buffer("attn_mask", self._build_mask(H, W, shift_size), persistent=False)
-        self._mask_cache: Dict[Tuple[int, int, int, torch.device], Optional[torch.Tensor]] = {}
+        self._mask_cache: "OrderedDict[tuple, Optional[torch.Tensor]]" = OrderedDict()
 
     def _build_mask(self, H: int, W: int, shift_size: int) -> Optional[torch.Tensor]:
         ws = self.window_size
         Hp, Wp = math.ceil(H / ws) * ws, math.ceil(W / ws) * ws
         return shifted_window_mask(Hp, Wp, ws, shift_size, H, W)
 
-    def masks(self, H: int, W: int, device: torch.device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Masks of the unshifted and the shifted blocks for a map of H x W; built once per size."""
+    def masks(self, H: int, W: int, device: torch.device,
+              dtype: torch.dtype = torch.float32) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Masks of the unshifted and the shifted blocks for a map of H x W, on ``device`` in ``dtype`` (that of
+        the feature map: float32 under autocast, half after ``model.half()``).
+
+        The configured size uses the ``attn_mask`` buffer, which ``model.to()`` moves and casts. Other sizes are
+        built once and kept in a small least-recently-used cache keyed by size, device and dtype.
+        """
         ws = self.window_size
         if (H, W) == self.input_resolution and H % ws == 0 and W % ws == 0:
-            return None, self.attn_mask
-        masks = []
-        for shift in (0, self.shift_size):
-            key = (H, W, shift, device)
-            if key not in self._mask_cache:
-                mask = self._build_mask(H, W, shift)
-                self._mask_cache[key] = None if mask is None else mask.to(device)
-            masks.append(self._mask_cache[key])
-        return masks[0], masks[1]
+            mask = self.attn_mask
+            return None, None if mask is None else mask.to(device=device, dtype=dtype)
+        return self._cached_mask(H, W, 0, device, dtype), self._cached_mask(H, W, self.shift_size, device, dtype)
+
+    def _cached_mask(self, H: int, W: int, shift: int, device: torch.device,
+                     dtype: torch.dtype) -> Optional[torch.Tensor]:
+        key = (H, W, shift, device, dtype)
+        if key in self._mask_cache:
+            self._mask_cache.move_to_end(key)
+            return self._mask_cache[key]
+        mask = self._build_mask(H, W, shift)
+        mask = None if mask is None else mask.to(device=device, dtype=dtype)
+        self._mask_cache[key] = mask
+        while len(self._mask_cache) > MASK_CACHE_SIZE:
+            self._mask_cache.popitem(last=False)
+        return mask
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C) through the blocks, without patch merging."""
         _, H, W, _ = x.shape
-        unshifted_mask, shifted_mask = self.masks(H, W, x.device)
+        unshifted_mask, shifted_mask = self.masks(H, W, x.device, x.dtype)
         for block in self.blocks:
             mask = shifted_mask if block.shift_size else unshifted_mask
             if self.use_checkpoint and torch.is_grad_enabled():
@@ -476,7 +496,7 @@ class SwinTransformer(nn.Module):
     def _position_embedding(self, H: int, W: int) -> torch.Tensor:
         """The absolute position embedding as (1, H, W, C), resized bicubically for other input sizes."""
         h0, w0 = self.patch_embed.patches_resolution
-        pos = self.absolute_pos_embed.view(1, h0, w0, -1)
+        pos = self.absolute_pos_embed.reshape(1, h0, w0, -1)
         if (H, W) == (h0, w0):
             return pos
         pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode="bicubic", align_corners=False)
