@@ -54,12 +54,18 @@ class TrainParts:
 
 @dataclass
 class EpochState:
-    """Progress within the current epoch, enough to resume it exactly."""
+    """Where training is: the one position type that the loop advances, checkpoints store and resume returns.
+
+    Enough to continue exactly: the epoch, the optimizer updates and training images done in it, the best
+    validation accuracy so far and the float16 skipped-step counts.
+    """
     epoch: int
     updates_per_epoch: int
     update: int = 0  # optimizer updates done in this epoch
     skipped_in_a_row: int = 0
     skipped_total: int = 0
+    images: int = 0  # training images of this epoch done, all processes together (set when saving)
+    max_accuracy: float = 0.0
 
 
 def _no_sync(model: nn.Module, skip: bool):

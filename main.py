@@ -26,9 +26,9 @@ from logger import setup_logging
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
-from utils import (CheckpointError, get_rank, get_world_size, init_distributed, is_main_process, load_pretrained,
-                   resume_candidates, resume_training, save_training_checkpoint, seed_everything,
-                   shutdown_distributed)
+from checkpoint import (CheckpointError, load_pretrained, resume_candidates, resume_training,
+                        save_training_checkpoint)
+from utils import get_rank, get_world_size, init_distributed, is_main_process, seed_everything, shutdown_distributed
 
 logger = logging.getLogger("main")
 
@@ -174,7 +174,7 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
                        scaler=torch.amp.GradScaler(device.type) if precision.needs_scaler else None,
                        model_ema=model_ema, mixup_fn=loaders.mixup_fn, clip_grad=config.TRAIN.CLIP_GRAD,
                        accumulation_steps=accum, max_skipped_steps=config.TRAIN.MAX_SKIPPED_STEPS)
-    progress = resume_training(config, model, optimizer, lr_scheduler, parts.scaler, model_ema)
+    state = resume_training(config, model, optimizer, lr_scheduler, parts.scaler, model_ema, updates_per_epoch)
     if is_main_process():
         # Written only once everything has started, so a failed start leaves the folder as it was.
         with open(os.path.join(config.OUTPUT, "config.yaml"), "w") as f:
@@ -185,21 +185,22 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
         if writer is not None:
             writer.add_scalar(tag, value, step)
 
-    max_accuracy = progress.max_accuracy
     eval_precision = build_precision(config, evaluation=True)
-    logger.info("training from epoch %d update %d to epoch %d (%d updates per epoch)", progress.epoch,
-                progress.update, config.TRAIN.EPOCHS, updates_per_epoch)
+    logger.info("training from epoch %d update %d to epoch %d (%d updates per epoch)", state.epoch,
+                state.update, config.TRAIN.EPOCHS, updates_per_epoch)
     start = time.time()
-    for epoch in range(progress.epoch, config.TRAIN.EPOCHS):
-        state = EpochState(epoch=epoch, updates_per_epoch=updates_per_epoch,
-                           update=progress.update if epoch == progress.epoch else 0)
+    for epoch in range(state.epoch, config.TRAIN.EPOCHS):
+        if epoch != state.epoch:
+            state.epoch, state.update, state.images = epoch, 0, 0
         loaders.train_sampler.set_epoch(epoch)
         if state.update:
             loaders.train_sampler.skip(state.update * accum * config.DATA.BATCH_SIZE)
 
         def save(current: EpochState, complete: bool, acc1=None, is_best=False) -> None:
-            save_training_checkpoint(config, model, optimizer, lr_scheduler, parts.scaler, model_ema,
-                                     max_accuracy, current, complete, acc1, is_best)
+            batches_done = min(current.update * accum, batches_per_epoch)
+            current.images = batches_done * config.DATA.BATCH_SIZE * get_world_size()
+            save_training_checkpoint(config, model, optimizer, lr_scheduler, parts.scaler, model_ema, current, complete,
+                                     acc1, is_best)
 
         def on_update(current: EpochState) -> None:
             if config.TRAIN.SAVE_ITERS and current.update % config.TRAIN.SAVE_ITERS == 0 \
@@ -215,19 +216,19 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
             raise NonFiniteLossError(f"{error} Last good checkpoint: {newest[0] if newest else 'none saved yet'}; "
                                      "it is intact: rerun the same command to resume from it.") from error
         metrics = validate(model, loaders.val_loader, device, eval_precision, len(loaders.val_dataset))
-        is_best = metrics["acc1"] > max_accuracy
-        max_accuracy = max(max_accuracy, metrics["acc1"])
+        is_best = metrics["acc1"] > state.max_accuracy
+        state.max_accuracy = max(state.max_accuracy, metrics["acc1"])
         last = epoch == config.TRAIN.EPOCHS - 1
         if epoch % config.SAVE_FREQ == 0 or last or is_best:
             save(state, complete=True, acc1=metrics["acc1"], is_best=is_best)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_metrics.items()},
-                  **{f"val_{k}": v for k, v in metrics.items()}, "max_acc1": max_accuracy}
+                  **{f"val_{k}": v for k, v in metrics.items()}, "max_acc1": state.max_accuracy}
         if model_ema is not None:
             ema_metrics = validate(model_ema.module, loaders.val_loader, device, eval_precision,
                                    len(loaders.val_dataset))
             record.update({f"ema_{k}": v for k, v in ema_metrics.items()})
         logger.info("accuracy of the network on the %d test images: %.2f%%; max accuracy %.2f%%",
-                    metrics["count"], metrics["acc1"], max_accuracy)
+                    metrics["count"], metrics["acc1"], state.max_accuracy)
         for key in ("acc1", "acc5", "loss"):
             log_scalar(f"val/{key}", metrics[key], (epoch + 1) * updates_per_epoch)
         if is_main_process():

@@ -20,7 +20,8 @@ from engine import Precision, validate
 from models import build_model
 from models.state_dict import (load_state_dict_checked, ours_to_timm, resize_absolute_pos_embed,
                                resize_relative_position_bias_table)
-from utils import MAP_22K_TO_1K, CheckpointError, get_rng_state, load_pretrained, save_checkpoint
+from checkpoint import MAP_22K_TO_1K, CheckpointError, load_pretrained, save_checkpoint
+from utils import get_rng_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo", "swin_micro_digits.yaml")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import main as driver
-from utils import CheckpointError, atomic_torch_save, load_checkpoint_file, read_manifest, save_checkpoint
+from checkpoint import CheckpointError, atomic_torch_save, load_checkpoint_file, read_manifest, save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo", "swin_micro_digits.yaml")

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.state_dict import drop_derived_buffers, is_timm_layout, ours_to_timm, timm_to_ours  # noqa: E402
-from utils import CheckpointError, atomic_torch_save, extract_state_dict, load_checkpoint_file  # noqa: E402
+from checkpoint import CheckpointError, atomic_torch_save, extract_state_dict, load_checkpoint_file  # noqa: E402
 
 LAYOUTS = ("timm", "ours")
 

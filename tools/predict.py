@@ -31,7 +31,7 @@ from data.layout import find_classes, is_image_file  # noqa: E402
 from data.transforms import build_transform  # noqa: E402
 from models import build_model  # noqa: E402
 from models.state_dict import is_timm_layout, load_state_dict_checked, timm_to_ours  # noqa: E402
-from utils import CheckpointError, extract_state_dict, load_checkpoint_file  # noqa: E402
+from checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file  # noqa: E402
 
 logger = logging.getLogger("predict")
 
@@ -95,20 +95,18 @@ def find_images(paths: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]
     return files, failures
 
 
-def read_image(path: str, transform: Callable, size: int) -> torch.Tensor:
-    """The transformed image as (3, size, size).
+def read_image(path: str, transform: Callable) -> torch.Tensor:
+    """The transformed image, (3, DATA.IMG_SIZE, DATA.IMG_SIZE) for any image size.
+
+    ``decode_image`` checks the pixel count from the file header first, so an oversized image is refused
+    before it is decoded.
 
     Raises:
-        OSError, ValueError, ...: see ``data.datasets.UNREADABLE_ERRORS``; ValueError for a size that the
-            transform does not bring to ``size`` (at 32 px or less the evaluation transform does not resize).
+        OSError, ValueError, ...: see ``data.datasets.UNREADABLE_ERRORS``.
     """
     with open(path, "rb") as f:
         image = decode_image(f)
-    tensor = transform(image)
-    if tuple(tensor.shape[-2:]) != (size, size):
-        raise ValueError(f"the image is {image.width}x{image.height} pixels; at DATA.IMG_SIZE {size} the evaluation "
-                         f"transform does not resize, so give {size}x{size} images")
-    return tensor
+    return transform(image)
 
 
 def predict(model: nn.Module, images: List[torch.Tensor], device: torch.device, topk: int
@@ -119,7 +117,7 @@ def predict(model: nn.Module, images: List[torch.Tensor], device: torch.device, 
     return logits.softmax(dim=1).topk(topk, dim=1)
 
 
-def print_predictions(model: nn.Module, files: Sequence[str], transform: Callable, size: int, names: List[str],
+def print_predictions(model: nn.Module, files: Sequence[str], transform: Callable, names: List[str],
                       device: torch.device, batch_size: int, topk: int) -> List[str]:
     """Prints the top-k classes of each readable file, ``batch_size`` images per forward pass.
 
@@ -131,7 +129,7 @@ def print_predictions(model: nn.Module, files: Sequence[str], transform: Callabl
     batch: List[torch.Tensor] = []
     for index, path in enumerate(files):
         try:
-            batch.append(read_image(path, transform, size))
+            batch.append(read_image(path, transform))
             batch_paths.append(path)
         except UNREADABLE_ERRORS as error:
             reason = "not an image file, or a damaged one" if isinstance(error, UnidentifiedImageError) else error
@@ -177,7 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     files, missing = find_images(args.paths)
     for path, reason in missing:
         print(f"error: {path}: {reason}", file=sys.stderr)
-    unreadable = print_predictions(model, files, transform, config.DATA.IMG_SIZE, names, device, args.batch_size,
+    unreadable = print_predictions(model, files, transform, names, device, args.batch_size,
                                    min(args.topk, config.MODEL.NUM_CLASSES))
     if missing or unreadable:
         print(f"finished with errors: {len(unreadable)} of {len(files)} image files could not be read"
