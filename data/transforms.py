@@ -14,9 +14,13 @@ from config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Images this small (CIFAR-like) are padded and randomly cropped for training and never resized, as
-# the reference does.
+# Images this small (CIFAR-like) are padded and randomly cropped for training and not resized, as the
+# reference does; an image of another size is first resized to IMG_SIZE x IMG_SIZE (the reference would crash).
 SMALL_IMAGE_SIZE = 32
+# Evaluation with TEST.CROP resizes the short side; an image longer than this many times its short side is
+# first center-cropped to this ratio, so that a 5000x1 image does not become 1,280,000 x 256 pixels. Only the
+# middle of the long side survives the center crop anyway, so images up to this ratio are unaffected.
+MAX_EVAL_ASPECT_RATIO = 8
 
 # Evaluation resizes with one fixed filter; "random" (a training-only choice) evaluates with bilinear,
 # like the reference.
@@ -43,6 +47,9 @@ def build_transform(is_train: bool, config: CfgNode) -> Transform:
 
     Evaluation: with TEST.CROP resize the short side to int(256 / 224 * size) and center-crop, else
     resize to (size, size); no resize at 32 px or less; then ImageNet normalisation.
+
+    At 32 px or less an image that is not size x size is first resized to it, so every transform gives
+    (3, size, size) for any input size.
     """
     interpolation = config.DATA.INTERPOLATION
     if interpolation not in _EVAL_INTERPOLATION:
@@ -75,8 +82,52 @@ def _train_transform(config: CfgNode) -> Transform:
     if not isinstance(steps[0], RandomResizedCropAndInterpolation):
         raise RuntimeError(f"expected timm's training transform to start with a random resized crop, got "
                            f"{steps[0]!r}; this timm version is not supported")
-    steps[0] = transforms.RandomCrop(size, padding=4)
+    steps[0:1] = [ResizeIfNeeded(size, _EVAL_INTERPOLATION[config.DATA.INTERPOLATION]),
+                  transforms.RandomCrop(size, padding=4)]
     return transforms.Compose(steps)
+
+
+class ResizeIfNeeded:
+    """Resizes an image that is not ``size`` x ``size`` to that size; one that is passes through untouched.
+
+    Args:
+        size: the side of the square output.
+        interpolation: the resampling filter.
+    """
+
+    def __init__(self, size: int, interpolation: transforms.InterpolationMode):
+        self.size = size
+        self.interpolation = interpolation
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if image.size == (self.size, self.size):
+            return image
+        return transforms.functional.resize(image, [self.size, self.size], self.interpolation)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value})"
+
+
+class LimitAspectRatio:
+    """Center-crops the long side of an image to at most ``max_ratio`` times its short side.
+
+    Args:
+        max_ratio: the largest long side / short side kept.
+    """
+
+    def __init__(self, max_ratio: float):
+        self.max_ratio = max_ratio
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        short = min(width, height)
+        limit = int(self.max_ratio * short)
+        if max(width, height) <= limit:
+            return image
+        return transforms.functional.center_crop(image, [min(height, limit), min(width, limit)])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(max_ratio={self.max_ratio})"
 
 
 def _posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
@@ -109,10 +160,13 @@ def _eval_transform(config: CfgNode) -> Transform:
     steps = []
     if size > SMALL_IMAGE_SIZE:
         if config.TEST.CROP:
+            steps.append(LimitAspectRatio(MAX_EVAL_ASPECT_RATIO))
             steps.append(transforms.Resize(int(256 / 224 * size), interpolation=interpolation))
             steps.append(transforms.CenterCrop(size))
         else:
             steps.append(transforms.Resize((size, size), interpolation=interpolation))
+    else:
+        steps.append(ResizeIfNeeded(size, interpolation))
     steps.append(transforms.ToTensor())
     steps.append(transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     return transforms.Compose(steps)

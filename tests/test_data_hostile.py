@@ -1,0 +1,173 @@
+"""Odd and hostile input to the data pipeline: images of any size and bit depth, decompression bombs,
+directory symlink loops, unreadable files in the zip writer, worker errors, exact evaluation with unreadable
+validation images and the digits demo set next to your own data."""
+import importlib.util
+import io
+import logging
+import os
+import struct
+import sys
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from data import build_dataset, build_loader, build_transform
+from data.datasets import decode_image
+from test_data import GARBAGE, make_config, make_folder_dataset, write_jpeg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "demo", "swin_micro_digits.yaml")
+# A tiny model on the demo config, for the tests that need weights.
+TINY = ["MODEL.SWIN.EMBED_DIM", "8", "MODEL.SWIN.DEPTHS", "[2, 2]", "MODEL.SWIN.NUM_HEADS", "[1, 2]",
+        "DATA.NUM_WORKERS", "0"]
+
+
+def load_tool(name):
+    """A script of tools/ as a module, so its main(argv) runs in this process."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def blank_bilevel_png(path, width: int, height: int) -> None:
+    """A real, valid 1-bit PNG of ``width`` x ``height`` white pixels, a few kB on disk whatever its size."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" + b"\xff" * ((width + 7) // 8)  # filter type 0, then the packed bits
+    compressor = zlib.compressobj(9)
+    stream = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, grayscale
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b""))
+
+
+# ----- images of any size -----
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("is_train", [True, False])
+@pytest.mark.parametrize("crop", [True, False])
+def test_every_transform_gives_the_configured_size_for_any_image(size, is_train, crop):
+    config = make_config("unused", "AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc1", "AUG.REPROB", "0.25",
+                         DATA__IMG_SIZE=size, TEST__CROP=crop)
+    transform = build_transform(is_train, config)
+    rng = np.random.default_rng(0)
+    for width, height in [(1, 1), (2, 1), (3, 7), (size, size), (64, 64), (2 * size + 1, size - 1), (5000, 1),
+                          (1, 5000)]:
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        for _ in range(20 if width * height < 10 else 3):  # tiny images: many random crops
+            assert transform(Image.fromarray(pixels)).shape == (3, size, size), (width, height)
+
+
+def test_images_of_the_configured_size_are_not_resized_at_32_px():
+    config = make_config("unused", DATA__IMG_SIZE=32)
+    pixels = np.random.default_rng(1).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    expected = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None,
+                None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    torch.testing.assert_close(build_transform(False, config)(Image.fromarray(pixels)), expected)
+
+
+def test_loaders_at_32_px_take_a_1x1_training_image_and_a_64x64_validation_image(tmp_path):
+    root = make_folder_dataset(tmp_path)
+    write_jpeg(str(tmp_path / "train" / "cat" / "tiny.jpg"), seed=7, size=(1, 1))
+    write_jpeg(str(tmp_path / "train" / "dog" / "wide.jpg"), seed=8, size=(300, 2))
+    write_jpeg(str(tmp_path / "val" / "dog" / "big.jpg"), seed=9, size=(64, 64))
+    loaders = build_loader(make_config(root))
+    train_batches = list(loaders.train_loader)
+    val_batches = list(loaders.val_loader)
+    assert sum(len(labels) for _, labels in train_batches) == 8  # 9 images, full batches of 2
+    assert sum(len(labels) for _, labels in val_batches) == 5
+    assert all(images.shape[1:] == (3, 32, 32) for images, _ in train_batches + val_batches)
+
+
+# ----- high bit depth -----
+
+def test_16_bit_png_and_pgm_are_scaled_to_8_bits():
+    values = np.array([[0, 257, 40000, 65535]], dtype=np.uint16)
+    png = Image.open(io.BytesIO(png_bytes(values)))
+    assert png.mode == "I;16"  # what PIL gives; convert("RGB") of it is almost white
+    expected = np.array([[0, 1, 156, 255]], dtype=np.uint8)  # round(value * 255 / 65535)
+    for data in (png_bytes(values), b"P5\n4 1\n65535\n" + values.astype(">u2").tobytes()):
+        image = decode_image(io.BytesIO(data))
+        assert image.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(image), np.repeat(expected[..., None], 3, axis=2))
+    eight_bit = decode_image(io.BytesIO(png_bytes(expected)))
+    np.testing.assert_array_equal(np.asarray(eight_bit)[..., 0], expected)
+
+
+def test_pixels_without_a_known_range_are_refused_by_path(tmp_path, caplog):
+    root = make_folder_dataset(tmp_path)
+    floats = tmp_path / "val" / "cat" / "float.tif"
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(floats)
+    wide_ints = tmp_path / "val" / "dog" / "int32.tif"
+    Image.fromarray(np.full((8, 8), 100000, dtype=np.int32)).save(wide_ints)
+    dataset = build_dataset(False, make_config(root, DATA__MAX_BAD_FRACTION=1.0))
+    with caplog.at_level(logging.WARNING):
+        for index in range(len(dataset)):
+            dataset[index]
+    assert dataset.num_bad == 2
+    assert f"unreadable image {floats}" in caplog.text and "mode F" in caplog.text
+    assert f"unreadable image {wide_ints}" in caplog.text and "100000..100000" in caplog.text
+
+
+# ----- decompression bombs -----
+
+def test_an_image_over_the_pixel_limit_is_unreadable_by_path_without_a_pil_warning(tmp_path, caplog, monkeypatch):
+    root = make_folder_dataset(tmp_path)
+    bomb = tmp_path / "val" / "cat" / "bomb.png"
+    bomb.write_bytes(png_bytes(np.zeros((45, 40), dtype=np.uint8)))
+    # 1,800 pixels: PIL only warns below twice the limit; the other images have 1,200.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    dataset = build_dataset(False, make_config(root, DATA__MAX_BAD_FRACTION=1.0))
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for index in range(len(dataset)):
+            dataset[index]
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert dataset.num_bad == 1 and dataset.last_bad == str(bomb)
+    assert "exceeds limit of 1500 pixels" in caplog.text
+
+
+def test_predict_refuses_a_12000_px_image_from_its_header(tmp_path, capsys, monkeypatch):
+    from PIL import ImageFile
+
+    from config import load_config
+    from models import build_model
+
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save({"model": build_model(load_config(DEMO, TINY)).state_dict()}, checkpoint)
+    bomb = tmp_path / "bomb.png"
+    blank_bilevel_png(bomb, 12000, 12000)  # 144M pixels, over PIL's limit of 89M; 22 kB on disk
+    ok = tmp_path / "ok.png"
+    ok.write_bytes(png_bytes(np.zeros((5, 7), dtype=np.uint8)))
+    decoded_sizes = []
+    load = ImageFile.ImageFile.load
+
+    def load_checked(image):
+        decoded_sizes.append(image.size)
+        if image.size[0] * image.size[1] > Image.MAX_IMAGE_PIXELS:
+            raise AssertionError(f"decoded a {image.size} image")  # stops before gigabytes are taken
+        return load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load_checked)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status = load_tool("predict").main(["--cfg", DEMO, "--checkpoint", str(checkpoint), str(bomb), str(ok),
+                                            "--opts"] + TINY)
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert f"cannot read {bomb}: Image size (144000000 pixels) exceeds limit" in err
+    assert str(ok) in out and decoded_sizes == [(7, 5)]
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
