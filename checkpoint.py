@@ -4,9 +4,10 @@ import logging
 import os
 import pickle
 import zipfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import yaml
 
 from engine import EpochState
 from utils import gather_rng_states, get_rank, get_world_size, is_main_process, set_rng_state
@@ -144,11 +145,11 @@ def resume_candidates(output_dir: str) -> List[str]:
     return sorted(files, key=os.path.getmtime, reverse=True)
 
 
-def find_resumable(output_dir: str) -> Optional[Dict[str, Any]]:
+def find_resumable(output_dir: str) -> Optional[Tuple[str, Dict[str, Any]]]:
     """Loads the newest readable checkpoint of a run, falling back past broken ones with a warning.
 
     Returns:
-        The checkpoint dict with its path under ``"path"``, or None when the run has none.
+        ``(path, checkpoint dict)``, or None when the run has none.
     """
     for path in resume_candidates(output_dir):
         try:
@@ -156,8 +157,7 @@ def find_resumable(output_dir: str) -> Optional[Dict[str, Any]]:
         except CheckpointError as error:
             logger.warning("cannot resume from %s: %s; trying the previous checkpoint", path, error)
             continue
-        checkpoint["path"] = path
-        return checkpoint
+        return path, checkpoint
     return None
 
 
@@ -218,56 +218,262 @@ def load_pretrained(config, model: torch.nn.Module) -> None:
     logger.info("pretrained weights from %s: %s", path, report.summary())
 
 
-def resume_training(config, model, optimizer=None, lr_scheduler=None, scaler=None, model_ema=None,
-                    updates_per_epoch: int = 0) -> EpochState:
-    """Restores ``MODEL.RESUME``, else (with ``TRAIN.AUTO_RESUME``) the newest valid checkpoint of the run.
+# Keys that shape the model's weights: a checkpoint trained with other values cannot be continued.
+# MODEL.SWIN.ATTN_IMPL only picks how attention is computed (same weights, same outputs).
+ARCHITECTURE_KEYS = ("MODEL.TYPE", "MODEL.NUM_CLASSES", "MODEL.SWIN.")
+ARCHITECTURE_EXEMPT = ("MODEL.SWIN.ATTN_IMPL",)
+# Keys that decide the optimizer's kind or its parameter groups.
+OPTIMIZER_KEYS = ("TRAIN.OPTIMIZER.NAME", "TRAIN.LAYER_DECAY")
 
-    Optimizer, schedule, scaler and EMA are restored when given (evaluation passes None and takes the
-    weights only); RNG states are restored per rank. The driver skips the sampler to the restored position.
+
+def flatten_config(node: Any, prefix: str = "") -> Dict[str, Any]:
+    """A config (CfgNode or nested dict) as ``{"TRAIN.EPOCHS": 300, ...}``."""
+    flat: Dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def config_changes(saved_yaml: Optional[str], config) -> Dict[str, Tuple[Any, Any]]:
+    """Every key whose value differs between a checkpoint's saved config and ``config``: key -> (saved, now).
+
+    A key that one side lacks (a config of another version) counts as changed, with None on that side.
+    """
+    if not saved_yaml:
+        return {}
+    try:
+        saved = yaml.safe_load(saved_yaml)
+    except yaml.YAMLError:
+        logger.warning("the checkpoint's saved config is not readable YAML; changes are not checked")
+        return {}
+    old, new = flatten_config(saved or {}), flatten_config(config)
+    return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
+
+
+def _is_architecture_key(key: str) -> bool:
+    return key.startswith(ARCHITECTURE_KEYS) and key not in ARCHITECTURE_EXEMPT
+
+
+def _cannot_continue(path: str, config, key: str, old: Any, new: Any, why: str) -> CheckpointError:
+    """The message for a change that a resumed run cannot honour: the key, both values and the ways out."""
+    if config.MODEL.RESUME:
+        ways = (f"resume with {key} {old!r} as the checkpoint has it, or fine-tune from its weights with "
+                f"--pretrained {path} instead of --resume")
+    else:
+        ways = (f"to train with {key} {new!r}, start a new run with --tag NEW_NAME (or --opts TRAIN.AUTO_RESUME "
+                f"False to start over in {config.OUTPUT}); to continue this run, set {key} back to {old!r}")
+    return CheckpointError(f"cannot resume from {path}: {key} is {new!r} but the checkpoint was trained with "
+                           f"{old!r}, and {why}. To fix: {ways}")
+
+
+def locate_checkpoint(config) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """The checkpoint to continue from: ``MODEL.RESUME`` (a file, or a run folder: its newest valid checkpoint),
+    else with ``TRAIN.AUTO_RESUME`` the newest valid checkpoint of this run, else None.
 
     Raises:
-        CheckpointError: ``MODEL.RESUME`` is missing, unreadable or of another architecture.
+        CheckpointError: ``MODEL.RESUME`` is missing or unreadable, or a folder holding no readable checkpoint.
     """
-    from models.state_dict import load_state_dict_checked
+    path = config.MODEL.RESUME
+    if path and os.path.isdir(path):
+        found = find_resumable(path)
+        if found is None:
+            raise CheckpointError(f"--resume {path} is a folder, and it holds no readable checkpoint "
+                                  f"(ckpt_*.pth listed in {MANIFEST}); give a checkpoint file")
+        logger.info("--resume %s is a folder: taking its newest valid checkpoint, %s", path, found[0])
+        return found
+    if path:
+        return path, load_checkpoint_file(path)
+    if config.TRAIN.AUTO_RESUME:
+        return find_resumable(config.OUTPUT)
+    return None
 
-    if config.MODEL.RESUME:
-        checkpoint = load_checkpoint_file(config.MODEL.RESUME)
-        checkpoint["path"] = config.MODEL.RESUME
-    elif config.TRAIN.AUTO_RESUME:
-        checkpoint = find_resumable(config.OUTPUT)
-        if checkpoint is None:
-            logger.info("no checkpoint in %s; starting from scratch", config.OUTPUT)
-            return EpochState(epoch=config.TRAIN.START_EPOCH, updates_per_epoch=updates_per_epoch)
-    else:
-        return EpochState(epoch=config.TRAIN.START_EPOCH, updates_per_epoch=updates_per_epoch)
-    path = checkpoint["path"]
+
+def load_model_weights(model: torch.nn.Module, checkpoint: Dict[str, Any], path: str, config) -> None:
+    """Loads a checkpoint's weights strictly: a training checkpoint, a released file, a plain or timm-layout
+    state dict. An architecture key that differs from the checkpoint's saved config is named first.
+
+    Raises:
+        CheckpointError: no weights in the file, or weights of another architecture.
+    """
+    from models.state_dict import is_timm_layout, load_state_dict_checked, timm_to_ours
+
+    for key, (old, new) in config_changes(checkpoint.get("config"), config).items():
+        if _is_architecture_key(key) and old is not None:
+            raise _cannot_continue(path, config, key, old, new, "its weights do not fit this model")
     try:
-        load_state_dict_checked(model, extract_state_dict(checkpoint), source=path)
+        state_dict = extract_state_dict(checkpoint)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from error
+    if is_timm_layout(state_dict):
+        state_dict = timm_to_ours(state_dict)
+    try:
+        load_state_dict_checked(model, state_dict, source=path)
     except ValueError as error:
-        raise CheckpointError(str(error)) from error
+        raise CheckpointError(f"{error}; to fine-tune from these weights instead, use --pretrained {path}") \
+            from error
+
+
+def load_eval_weights(config, model: torch.nn.Module) -> Optional[str]:
+    """What ``--eval`` evaluates, as the reference chooses: ``MODEL.RESUME``, else the run's newest checkpoint,
+    else the ``MODEL.PRETRAINED`` weights (loaded when the model was built).
+
+    Returns:
+        A description of the weights, or None when the model keeps its random initialisation.
+    """
+    found = locate_checkpoint(config)
+    if found is not None:
+        path, checkpoint = found
+        load_model_weights(model, checkpoint, path, config)
+        return f"checkpoint {path}"
+    if config.MODEL.PRETRAINED:
+        return f"pretrained weights {config.MODEL.PRETRAINED}"
+    return None
+
+
+def position_in_images(images: int, batch_size: int, accumulation_steps: int, world_size: int,
+                       batches_per_epoch: int) -> Tuple[int, int]:
+    """Maps the training images done in an epoch to whole optimizer updates of the current run.
+
+    Args:
+        images: images of the epoch done, all processes together (what the checkpoint stores).
+        batch_size: images per process per micro-batch now.
+        accumulation_steps: micro-batches per update now.
+        world_size: processes now.
+        batches_per_epoch: micro-batches each process runs in a whole epoch now.
+
+    Returns:
+        ``(updates, images)``: the updates done at the current sizes and the images they cover; fewer images
+        than given when ``images`` is not a whole number of updates now (those are trained again).
+    """
+    per_update = batch_size * accumulation_steps * world_size
+    updates = min(images // per_update, batches_per_epoch // accumulation_steps)
+    return updates, updates * per_update
+
+
+def _checkpoint_images(checkpoint: Dict[str, Any], saved: Dict[str, Any]) -> int:
+    """Images of the epoch done at a mid-epoch checkpoint; older checkpoints only stored updates."""
+    if "images" in checkpoint:
+        return int(checkpoint["images"])
+    world_size = checkpoint.get("world_size") or len(checkpoint.get("rng") or []) or 1
+    return (int(checkpoint.get("step", 0)) * int(saved.get("TRAIN.ACCUMULATION_STEPS", 1))
+            * int(saved.get("DATA.BATCH_SIZE", 0)) * world_size)
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: Dict[str, Any], path: str, config,
+                       changes: Dict[str, Tuple[Any, Any]]) -> None:
+    """Loads the optimizer's per-parameter state and keeps the hyperparameters of the current config."""
+    for key in OPTIMIZER_KEYS[:1]:
+        if key in changes and changes[key][0] is not None:
+            old, new = changes[key]
+            raise _cannot_continue(path, config, key, old, new, "the optimizer's state (its moments) belongs "
+                                   "to the other optimizer")
+    saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if saved_sizes != sizes:
+        why = (f"it splits the parameters into {len(sizes)} optimizer groups where the checkpoint has "
+               f"{len(saved_sizes)}, so the optimizer's state cannot be matched to the parameters")
+        for key in (k for k in changes if k in OPTIMIZER_KEYS or _is_architecture_key(k)):
+            raise _cannot_continue(path, config, key, *changes[key], why)
+        raise CheckpointError(f"cannot resume from {path}: {why}. Start a new run with --tag NEW_NAME (or "
+                              "--opts TRAIN.AUTO_RESUME False)")
+    # load_state_dict would also bring back the saved learning rates, weight decay, betas and layer scales;
+    # the current config decides those, so they are put back afterwards.
+    current = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, settings in zip(optimizer.param_groups, current):
+        group.update(settings)
+
+
+def resume_training(config, model, optimizer, lr_scheduler, scaler=None, model_ema=None,
+                    updates_per_epoch: int = 1, batches_per_epoch: int = 1) -> Tuple[EpochState, Optional[str]]:
+    """Continues from ``MODEL.RESUME``, else (with ``TRAIN.AUTO_RESUME``) the newest valid checkpoint of the run,
+    under the current config.
+
+    The weights, the optimizer's per-parameter state, the gradient scaler, the EMA and every rank's RNG state
+    are restored. The schedule is the one ``lr_scheduler`` was built with (the current config); only its position
+    is restored, and the learning rates are set for the next update at once. One log line lists the config keys
+    that differ from the checkpoint's. A mid-epoch position is kept in images, so a changed batch size, number
+    of processes or accumulation continues with the images that were not yet trained on.
+
+    Args:
+        updates_per_epoch: optimizer updates per epoch of the current run.
+        batches_per_epoch: micro-batches per process per epoch of the current run.
+
+    Returns:
+        Where to continue, and the checkpoint's path (None when starting from scratch).
+
+    Raises:
+        CheckpointError: an unreadable checkpoint, or a change that cannot be honoured (architecture, optimizer
+            name, parameter groups), naming the key and what to do.
+    """
+    start = EpochState(epoch=config.TRAIN.START_EPOCH, updates_per_epoch=updates_per_epoch)
+    found = locate_checkpoint(config)
+    if found is None:
+        if config.TRAIN.AUTO_RESUME and not config.MODEL.RESUME:
+            logger.info("no checkpoint in %s; starting from scratch", config.OUTPUT)
+        return start, None
+    path, checkpoint = found
+    changes = config_changes(checkpoint.get("config"), config)
+    load_model_weights(model, checkpoint, path, config)
     logger.info("resumed weights from %s", path)
-    if optimizer is None or "optimizer" not in checkpoint:
-        return EpochState(epoch=config.TRAIN.START_EPOCH, updates_per_epoch=updates_per_epoch)
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    if model_ema is not None and checkpoint.get("model_ema") is None:
+        # The EMA was copied from the initial weights; without a saved EMA it restarts from the resumed ones.
+        model_ema.set(model)
+    if "optimizer" not in checkpoint:
+        logger.info("%s holds weights only: training starts at epoch %d with a fresh optimizer and schedule",
+                    path, start.epoch)
+        return start, path
+    logger.info("config changes since the checkpoint: %s", ", ".join(
+        f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()) or "none")
+    _restore_optimizer(optimizer, checkpoint["optimizer"], path, config, changes)
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
-    if model_ema is not None and checkpoint.get("model_ema") is not None:
-        model_ema.module.load_state_dict(checkpoint["model_ema"])
+    if model_ema is not None:
+        # An EMA switched on at resume starts from the resumed weights, not from the random initialisation.
+        model_ema.module.load_state_dict(checkpoint.get("model_ema") or model.state_dict())
     rng = checkpoint.get("rng") or []
     if len(rng) == get_world_size():
         set_rng_state(rng[get_rank()])
     elif rng:
         logger.warning("checkpoint has RNG states of %d processes, this run has %d: random streams are not "
                        "restored, so augmentation differs from an uninterrupted run", len(rng), get_world_size())
-    epoch = checkpoint["epoch"]
-    complete = checkpoint.get("complete", True)  # reference checkpoints are written at epoch ends
-    progress = EpochState(epoch=epoch + 1 if complete else epoch, updates_per_epoch=updates_per_epoch,
-                          update=0 if complete else checkpoint.get("step", 0),
-                          max_accuracy=checkpoint.get("max_accuracy", 0.0))
-    logger.info("continuing at epoch %d, update %d (max accuracy so far %.2f%%)", progress.epoch, progress.update,
-                progress.max_accuracy)
-    return progress
+    state = EpochState(epoch=checkpoint["epoch"] + 1, updates_per_epoch=updates_per_epoch,
+                       max_accuracy=checkpoint.get("max_accuracy", 0.0),
+                       skipped_total=int(checkpoint.get("skipped_steps") or 0))
+    if not checkpoint.get("complete", True):  # reference checkpoints are written at epoch ends
+        state.epoch = checkpoint["epoch"]
+        _restore_position(state, checkpoint, config, batches_per_epoch)
+    # The schedule counts updates from the start of training at the current sizes.
+    lr_scheduler.step_update(state.epoch * updates_per_epoch + state.update)
+    logger.info("continuing at epoch %d, update %d (%d images of the epoch done; max accuracy so far %.2f%%); "
+                "learning rate %.6g", state.epoch, state.update, state.images, state.max_accuracy,
+                optimizer.param_groups[0]["lr"])
+    return state, path
+
+
+def _restore_position(state: EpochState, checkpoint: Dict[str, Any], config, batches_per_epoch: int) -> None:
+    """Sets the update and images done in a mid-epoch checkpoint's epoch at the current sizes."""
+    saved = flatten_config(yaml.safe_load(checkpoint["config"]) or {}) if checkpoint.get("config") else {}
+    images = _checkpoint_images(checkpoint, saved)
+    world_size = get_world_size()
+    saved_world = checkpoint.get("world_size") or len(checkpoint.get("rng") or []) or world_size
+    if saved_world != world_size and config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == "part":
+        logger.warning("the checkpoint was written by %d processes, this run has %d: with DATA.CACHE_MODE part "
+                       "each process trains on its own shard, which changes with the number of processes, so "
+                       "epoch %d restarts from its first image (%d images of it are trained again)",
+                       saved_world, world_size, state.epoch, images)
+        return
+    state.update, state.images = position_in_images(images, config.DATA.BATCH_SIZE,
+                                                    config.TRAIN.ACCUMULATION_STEPS, world_size, batches_per_epoch)
+    if state.images != images:
+        logger.warning("%d images of epoch %d were done, which is not a whole number of updates of %d images "
+                       "(DATA.BATCH_SIZE %d x %d processes x TRAIN.ACCUMULATION_STEPS %d) now: the epoch continues "
+                       "after %d images, so %d are trained again", images, state.epoch,
+                       config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS, config.DATA.BATCH_SIZE,
+                       world_size, config.TRAIN.ACCUMULATION_STEPS, state.images, images - state.images)
 
 
 def save_training_checkpoint(config, model, optimizer, lr_scheduler, scaler, model_ema, state: EpochState,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from utils import all_reduce_sum
+from utils import all_reduce_max, all_reduce_sum
 
 logger = logging.getLogger(__name__)
 
@@ -119,16 +119,23 @@ def _memory_mb(device: torch.device) -> float:
 
 def train_one_epoch(parts: TrainParts, data_loader: Iterable, state: EpochState, device: torch.device,
                     precision: Precision, print_freq: int, num_batches: int,
-                    on_update: Optional[Callable[[EpochState], None]] = None,
+                    save_due: Optional[Callable[[EpochState], bool]] = None,
+                    save: Optional[Callable[[EpochState], None]] = None,
                     log_scalar: Optional[Callable[[str, float, int], None]] = None) -> Dict[str, float]:
     """Trains for the rest of ``state.epoch``, starting after ``state.update`` optimizer updates.
 
     Every ``accumulation_steps`` micro-batches make one update (the last group of an epoch may be
     shorter; it is applied, with its loss averaged over its own size). The schedule steps per update.
 
+    The loop reads from the device only at sync points: updates that print a progress line or save a
+    checkpoint. There the health flags (non-finite loss, skipped float16 steps) are agreed across processes,
+    so every process stops at the same update with the same message; other updates never wait for the device.
+
     Args:
         num_batches: micro-batches this loader yields in this (possibly resumed) epoch.
-        on_update: called after each optimizer update (mid-epoch checkpoints).
+        save_due: after each optimizer update, whether a mid-epoch checkpoint is due (the same answer on every
+            process); the health flags are checked before ``save`` is called.
+        save: writes the mid-epoch checkpoint.
         log_scalar: TensorBoard-style ``(tag, value, global_update)``, called on logging steps.
 
     Returns:
@@ -148,7 +155,7 @@ def train_one_epoch(parts: TrainParts, data_loader: Iterable, state: EpochState,
     loss_count = 0
     epoch_loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     grad_norm = torch.zeros(())
-    bad_loss = torch.zeros((), device=device, dtype=torch.bool)
+    health = HealthFlags(device, state.skipped_in_a_row)
     images_seen = 0
     start = window_start = time.time()
     parts.optimizer.zero_grad(set_to_none=True)
@@ -164,21 +171,23 @@ def train_one_epoch(parts: TrainParts, data_loader: Iterable, state: EpochState,
         loss_count += 1
         images_seen += images.shape[0]
         if not precision.needs_scaler:
-            bad_loss |= ~torch.isfinite(loss)
+            health.record_loss(loss)
         if not last_of_group:
             continue
-        scale_before = parts.scaler.get_scale() if parts.scaler is not None else None
+        # A copy: the scaler updates its scale tensor in place. Compared on the device, never read here.
+        scale_before = parts.scaler._get_scale_async().clone() if parts.scaler is not None else None
         grad_norm = optimizer_step(parts, params)
         state.update += 1
         global_update = state.epoch * state.updates_per_epoch + state.update
         parts.lr_scheduler.step_update(global_update)
         if parts.scaler is not None:
-            _count_skipped(parts, state, scale_before)
+            health.record_scale(scale_before, parts.scaler._get_scale_async())
         if parts.model_ema is not None:
             parts.model_ema.update(_unwrap(model), step=global_update)
         log_now = state.update % print_freq == 0 or index == total_batches - 1
-        if log_now or on_update is not None:
-            _raise_if_nonfinite(bad_loss, state)
+        save_now = save_due is not None and save_due(state)
+        if log_now or save_now:
+            health.check(state, parts.max_skipped_steps)
         if log_now:
             elapsed = time.time() - window_start
             mean_loss = (loss_sum / max(loss_count, 1)).item()
@@ -189,8 +198,8 @@ def train_one_epoch(parts: TrainParts, data_loader: Iterable, state: EpochState,
             loss_count = 0
             images_seen = 0
             window_start = time.time()
-        if on_update is not None:
-            on_update(state)
+        if save_now:
+            save(state)
     return {"loss": (epoch_loss_sum / max(num_batches, 1)).item(), "lr": parts.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm), "skipped_steps": state.skipped_total, "epoch_time": time.time() - start}
 
@@ -200,28 +209,52 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def _count_skipped(parts: TrainParts, state: EpochState, scale_before: float) -> None:
-    """float16: a drop of the loss scale means the scaler skipped the step for non-finite gradients."""
-    if parts.scaler.get_scale() < scale_before:
-        state.skipped_in_a_row += 1
-        state.skipped_total += 1
-        logger.warning("epoch %d update %d: non-finite gradients in float16, step skipped (%d in a row, scale %g)",
-                       state.epoch, state.update, state.skipped_in_a_row, parts.scaler.get_scale())
-        if state.skipped_in_a_row > parts.max_skipped_steps:
+class HealthFlags:
+    """Non-finite losses and skipped float16 steps, tracked on the device and read only at sync points.
+
+    The loss scale of a gradient scaler drops exactly when it skipped a step for non-finite gradients; the
+    comparison stays on the device, so float16 costs no host sync per update either.
+    """
+
+    def __init__(self, device: torch.device, skipped_in_a_row: int = 0):
+        # non-finite loss seen, steps skipped since the last check, skipped in a row now, longest run since the check
+        self.values = torch.tensor([0.0, 0.0, skipped_in_a_row, skipped_in_a_row], device=device, dtype=torch.float64)
+
+    def record_loss(self, loss: torch.Tensor) -> None:
+        self.values[0] = torch.maximum(self.values[0], (~torch.isfinite(loss)).to(self.values.dtype))
+
+    def record_scale(self, scale_before: torch.Tensor, scale_after: torch.Tensor) -> None:
+        skipped = (scale_after < scale_before).to(self.values.dtype).reshape(())
+        self.values[1] += skipped
+        self.values[2] = (self.values[2] + 1) * skipped
+        self.values[3] = torch.maximum(self.values[3], self.values[2])
+
+    def check(self, state: EpochState, max_skipped_steps: int) -> None:
+        """Reads the flags, agreed across processes (a collective: call it at the same update on every process).
+
+        Raises:
+            NonFiniteLossError: a process saw a non-finite loss, or more than ``max_skipped_steps`` float16 steps
+                in a row were skipped.
+        """
+        agreed = all_reduce_max(self.values.clone())
+        non_finite, skipped, in_a_row, longest = (int(v) for v in agreed.tolist())
+        if non_finite:
             raise NonFiniteLossError(
-                f"epoch {state.epoch} update {state.update}: {state.skipped_in_a_row} float16 steps in a row were "
-                f"skipped for non-finite gradients (limit TRAIN.MAX_SKIPPED_STEPS={parts.max_skipped_steps}). "
+                f"non-finite loss in epoch {state.epoch}, at or before update {state.update} of "
+                f"{state.updates_per_epoch}. The run stopped before saving anything from these steps. "
+                "Lower TRAIN.BASE_LR, keep TRAIN.CLIP_GRAD on, or check the data.")
+        state.skipped_total += skipped
+        state.skipped_in_a_row = in_a_row
+        if skipped:
+            logger.warning("epoch %d update %d: %d float16 step(s) skipped for non-finite gradients since the last "
+                           "check (%d in a row now)", state.epoch, state.update, skipped, in_a_row)
+        if longest > max_skipped_steps:
+            raise NonFiniteLossError(
+                f"epoch {state.epoch}, at or before update {state.update}: {longest} float16 steps in a row were "
+                f"skipped for non-finite gradients (limit TRAIN.MAX_SKIPPED_STEPS={max_skipped_steps}). "
                 "Lower the learning rate or train in bfloat16 (AMP_DTYPE bfloat16).")
-    else:
-        state.skipped_in_a_row = 0
-
-
-def _raise_if_nonfinite(bad_loss: torch.Tensor, state: EpochState) -> None:
-    if bad_loss.item():
-        raise NonFiniteLossError(
-            f"non-finite loss in epoch {state.epoch}, at or before update {state.update} of "
-            f"{state.updates_per_epoch}. The run stopped before saving anything from these steps. "
-            "Lower TRAIN.BASE_LR, keep TRAIN.CLIP_GRAD on, or check the data.")
+        self.values[1] = 0
+        self.values[3] = self.values[2]
 
 
 def _log_progress(parts: TrainParts, state: EpochState, batch: int, total: int, done_this_run: int, loss: float,

@@ -26,9 +26,10 @@ from logger import setup_logging
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
-from checkpoint import (CheckpointError, load_pretrained, resume_candidates, resume_training,
+from checkpoint import (CheckpointError, load_eval_weights, load_pretrained, resume_candidates, resume_training,
                         save_training_checkpoint)
-from utils import get_rank, get_world_size, init_distributed, is_main_process, seed_everything, shutdown_distributed
+from utils import (get_rank, get_world_size, init_distributed, is_main_process, run_lock, seed_everything,
+                   shutdown_distributed)
 
 logger = logging.getLogger("main")
 
@@ -83,12 +84,13 @@ def prepare_model(config: CfgNode, device: torch.device):
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
         load_pretrained(config, model)
     model.to(device)
-    # The EMA copies the bare module before compile/DDP wrapping, so it holds plain parameters and
-    # starts from the same (possibly pretrained) weights on every rank.
-    model_ema = ModelEmaV3(model, decay=config.MODEL.EMA.DECAY) if config.MODEL.EMA.ENABLE else None
     train_model = torch.compile(model) if config.TRAIN.COMPILE else model
     if get_world_size() > 1:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Only now: DDP has just broadcast rank 0's weights into `model` (each rank initialised its own from its
+    # own seed), so every process's EMA starts from the weights all of them train. The EMA copies the bare
+    # module, so it holds plain parameters, not compiled or DDP-wrapped ones.
+    model_ema = ModelEmaV3(model, decay=config.MODEL.EMA.DECAY) if config.MODEL.EMA.ENABLE else None
     return model, model_ema, train_model
 
 
@@ -125,9 +127,16 @@ def main(argv=None) -> int:
     device = init_distributed()
     rank, world_size = get_rank(), get_world_size()
     config = cfg_lib.load_config(args.cfg, args=args, world_size=world_size)
+    cfg_lib.prepare_output_dir(config.OUTPUT)
+    with run_lock(config.OUTPUT, rank):
+        return run(config, device, rank, world_size)
+
+
+def run(config: CfgNode, device: torch.device, rank: int, world_size: int) -> int:
+    """Everything after the config: logging, then throughput, evaluation or training, holding the run folder."""
     setup_logging(config.OUTPUT, rank)
     logger.info("process %d of %d (pid %d) on %s; output folder %s", rank, world_size, os.getpid(), device,
-                config.OUTPUT)
+                os.path.abspath(config.OUTPUT))
     logger.info("global batch %d (%d per process x %d processes x %d accumulation steps); effective lr %.3g, "
                 "warmup lr %.3g, min lr %.3g", config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS,
                 config.DATA.BATCH_SIZE, world_size, config.TRAIN.ACCUMULATION_STEPS, config.TRAIN.BASE_LR,
@@ -149,9 +158,11 @@ def main(argv=None) -> int:
 def evaluate_only(config: CfgNode, model: nn.Module, loaders, device: torch.device) -> int:
     # As in the reference, --eval evaluates --resume, else the newest checkpoint of the run (auto-resume),
     # else the --pretrained weights.
-    resume_training(config, model)
-    if not (config.MODEL.RESUME or config.MODEL.PRETRAINED or resume_candidates(config.OUTPUT)):
+    weights = load_eval_weights(config, model)
+    if weights is None:
         logger.warning("evaluating randomly initialised weights: give --resume or --pretrained")
+    else:
+        logger.info("evaluating %s", weights)
     metrics = validate(model, loaders.val_loader, device, build_precision(config, evaluation=True),
                        len(loaders.val_dataset), config.PRINT_FREQ)
     logger.info("accuracy of the network on the %d test images: acc@1 %.3f%% acc@5 %.3f%% loss %.4f",
@@ -174,7 +185,13 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
                        scaler=torch.amp.GradScaler(device.type) if precision.needs_scaler else None,
                        model_ema=model_ema, mixup_fn=loaders.mixup_fn, clip_grad=config.TRAIN.CLIP_GRAD,
                        accumulation_steps=accum, max_skipped_steps=config.TRAIN.MAX_SKIPPED_STEPS)
-    state = resume_training(config, model, optimizer, lr_scheduler, parts.scaler, model_ema, updates_per_epoch)
+    state, resumed_from = resume_training(config, model, optimizer, lr_scheduler, parts.scaler, model_ema,
+                                          updates_per_epoch, batches_per_epoch)
+    if resumed_from is not None and state.epoch >= config.TRAIN.EPOCHS:
+        logger.info("already finished at epoch %d (checkpoint %s); nothing to do. To train longer, raise "
+                    "TRAIN.EPOCHS (now %d); for a new run, give --tag NEW_NAME", state.epoch, resumed_from,
+                    config.TRAIN.EPOCHS)
+        return 0
     if is_main_process():
         # Written only once everything has started, so a failed start leaves the folder as it was.
         with open(os.path.join(config.OUTPUT, "config.yaml"), "w") as f:
@@ -202,19 +219,23 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
             save_training_checkpoint(config, model, optimizer, lr_scheduler, parts.scaler, model_ema, current, complete,
                                      acc1, is_best)
 
-        def on_update(current: EpochState) -> None:
-            if config.TRAIN.SAVE_ITERS and current.update % config.TRAIN.SAVE_ITERS == 0 \
-                    and current.update < updates_per_epoch:
-                save(current, complete=False)
+        def save_due(current: EpochState) -> bool:
+            return bool(config.TRAIN.SAVE_ITERS) and current.update % config.TRAIN.SAVE_ITERS == 0 \
+                and current.update < updates_per_epoch
 
         try:
             train_metrics = train_one_epoch(parts, loaders.train_loader, state, device, precision, config.PRINT_FREQ,
-                                            len(loaders.train_loader), on_update if config.TRAIN.SAVE_ITERS else None,
-                                            log_scalar)
+                                            len(loaders.train_loader), save_due,
+                                            lambda current: save(current, complete=False), log_scalar)
         except NonFiniteLossError as error:
             newest = resume_candidates(config.OUTPUT)
-            raise NonFiniteLossError(f"{error} Last good checkpoint: {newest[0] if newest else 'none saved yet'}; "
-                                     "it is intact: rerun the same command to resume from it.") from error
+            if newest:
+                advice = (f"Last good checkpoint: {newest[0]}; it is intact: rerun (with the changes above, which "
+                          "a resumed run honours) to resume from it.")
+            else:
+                advice = ("No checkpoint was saved yet: rerun (with the changes above) to start again from the "
+                          "beginning.")
+            raise NonFiniteLossError(f"{error} {advice}") from error
         metrics = validate(model, loaders.val_loader, device, eval_precision, len(loaders.val_dataset))
         is_best = metrics["acc1"] > state.max_accuracy
         state.max_accuracy = max(state.max_accuracy, metrics["acc1"])
@@ -247,7 +268,8 @@ def cli(argv=None) -> int:
     try:
         return main(argv)
     except (ConfigError, CheckpointError, NonFiniteLossError, DataError) as error:
-        logger.error("%s", error)
+        if logging.getLogger().handlers:  # without handlers, logging's last resort would repeat it on stderr
+            logger.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:

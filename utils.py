@@ -86,6 +86,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over processes, in place; the identity in a single process."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 # --------------------------------------------------------------------------- seeding and RNG state
 
 def seed_everything(seed: int) -> None:
