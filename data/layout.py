@@ -4,7 +4,7 @@ Shared by the datasets and by the zip writer so that both see exactly the same c
 """
 import logging
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -56,6 +56,10 @@ def find_classes(split_dir: str) -> List[str]:
 def scan_images(split_dir: str, class_names: Sequence[str]) -> Tuple[List[str], np.ndarray]:
     """Finds the images of a split folder, walking each class folder recursively like ImageFolder.
 
+    Links to folders are followed, each real folder once: a link back up the tree (``ln -s . loop``) or to a
+    folder scanned already (another class folder included) is skipped with a warning, as are sub-folders
+    that cannot be listed.
+
     Args:
         split_dir: folder holding one sub-folder per class.
         class_names: the classes in label order; every class folder of ``split_dir`` must be among them.
@@ -75,12 +79,15 @@ def scan_images(split_dir: str, class_names: Sequence[str]) -> Tuple[List[str], 
                         f"need the same class folders.\nExpected layout:{FOLDER_LAYOUT}")
     paths: List[str] = []
     labels: List[int] = []
+    # Every class folder counts as scanned from the start, so that a link into another class is skipped
+    # instead of copying that class's images under this label.
+    visited = {_folder_id(os.path.join(split_dir, name)) for name in present}
     for label, name in enumerate(class_names):
         class_dir = os.path.join(split_dir, name)
         if not os.path.isdir(class_dir):
             logger.info("%s has no folder for class %s", split_dir, name)
             continue
-        found = _images_under(class_dir)
+        found = _images_under(class_dir, visited)
         if not found:
             raise DataError(f"class folder {class_dir} holds no image. Remove the folder or add its images."
                             f"\nExpected layout:{FOLDER_LAYOUT}")
@@ -89,11 +96,38 @@ def scan_images(split_dir: str, class_names: Sequence[str]) -> Tuple[List[str], 
     return paths, np.asarray(labels, dtype=np.int64)
 
 
-def _images_under(folder: str) -> List[str]:
-    """Image files below ``folder`` (following links), relative to it, in sorted order."""
+def _folder_id(path: str) -> Tuple[int, int]:
+    """What identifies a real folder, whatever links lead to it."""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
+
+
+def _images_under(folder: str, visited: Set[Tuple[int, int]]) -> List[str]:
+    """Image files below ``folder``, relative to it, in sorted order.
+
+    Links to folders are followed unless they lead to a folder in ``visited``, which gains every folder
+    walked into; each skipped folder is logged.
+    """
+    def skip_unlistable(error: OSError) -> None:
+        logger.warning("skipped folder %s: it cannot be listed (%s)", error.filename, error.strerror)
+
     found = []
-    for current, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for current, dirs, files in os.walk(folder, followlinks=True, onerror=skip_unlistable):
+        kept = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            path = os.path.join(current, name)
+            try:
+                identity = _folder_id(path)
+            except OSError as error:
+                skip_unlistable(error)
+                continue
+            if identity in visited:
+                logger.warning("skipped folder %s: it leads to %s, which is scanned already (a link loop or a "
+                               "second link to the same folder)", path, os.path.realpath(path))
+                continue
+            visited.add(identity)
+            kept.append(name)
+        dirs[:] = kept
         relative_dir = os.path.relpath(current, folder)
         for name in sorted(files):
             if is_image_file(name):

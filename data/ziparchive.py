@@ -6,15 +6,18 @@ and copy-on-write after fork duplicates it as soon as a worker touches it. Here 
 into flat numpy arrays (offsets and sizes, which fork shares for free) and a worker reads a member with
 one seek and one read on its own plain file handle.
 """
+import contextlib
+import io
 import logging
 import os
 import struct
 import zipfile
 import zlib
-from typing import BinaryIO, Callable, Optional, Sequence
+from typing import BinaryIO, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from data.decode import UNREADABLE_ERRORS, open_image
 from data.errors import DataError
 from data.layout import find_classes, scan_images
 
@@ -138,38 +141,67 @@ class MemberCache:
 
 
 def write_zip_split(split_dir: str, zip_path: str, map_path: str, class_names: Sequence[str],
-                    progress: Optional[ProgressFn] = None) -> int:
-    """Writes one split folder as ``zip_path`` plus its map file; returns the number of images.
+                    progress: Optional[ProgressFn] = None) -> Tuple[int, List[str]]:
+    """Writes one split folder as ``zip_path`` plus its map file.
 
     Both files are written under ``.tmp`` names and renamed when complete, so an interrupted run never
-    leaves a partial file under the final name.
+    leaves a partial file under the final name; after any failure the ``.tmp`` files are removed. A file
+    that cannot be read (a dangling link, no permission) or is not an image by its header (the pixels are
+    not decoded, which would take hours on ImageNet) is left out with a warning.
+
+    Returns:
+        The number of images written and the paths of the files left out.
     """
     paths, labels = scan_images(split_dir, class_names)
     if not paths:
         raise DataError(f"{split_dir} holds no image")
     split = os.path.basename(os.path.normpath(split_dir))
     zip_tmp, map_tmp = zip_path + ".tmp", map_path + ".tmp"
-    with zipfile.ZipFile(zip_tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive, \
-            open(map_tmp, "w", encoding="utf-8") as map_file:
-        for count, (path, label) in enumerate(zip(paths, labels), start=1):
-            name = path.replace(os.sep, "/")
-            if "\t" in name or "\n" in name:
-                raise DataError(f"cannot store {os.path.join(split_dir, path)} in a map file: its name holds a "
-                                "tab or a newline. Rename the file.")
-            with open(os.path.join(split_dir, path), "rb") as image:
-                info = zipfile.ZipInfo(name, date_time=_FIXED_DATE)
-                info.external_attr = 0o644 << 16
-                archive.writestr(info, image.read(), compress_type=zipfile.ZIP_STORED)  # JPEGs do not compress
-            map_file.write(f"{name}\t{label}\n")
-            if progress is not None:
-                progress(split, count, len(paths))
-    os.replace(map_tmp, map_path)
-    os.replace(zip_tmp, zip_path)
-    return len(paths)
+    skipped: List[str] = []
+    try:
+        with zipfile.ZipFile(zip_tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive, \
+                open(map_tmp, "w", encoding="utf-8") as map_file:
+            for count, (path, label) in enumerate(zip(paths, labels), start=1):
+                name = path.replace(os.sep, "/")
+                if "\t" in name or "\n" in name:
+                    raise DataError(f"cannot store {os.path.join(split_dir, path)} in a map file: its name holds a "
+                                    "tab or a newline. Rename the file.")
+                data = _read_image_file(os.path.join(split_dir, path))
+                if data is None:
+                    skipped.append(os.path.join(split_dir, path))
+                else:
+                    info = zipfile.ZipInfo(name, date_time=_FIXED_DATE)
+                    info.external_attr = 0o644 << 16
+                    archive.writestr(info, data, compress_type=zipfile.ZIP_STORED)  # JPEGs do not compress
+                    map_file.write(f"{name}\t{label}\n")
+                if progress is not None:
+                    progress(split, count, len(paths))
+        if len(skipped) == len(paths):
+            raise DataError(f"no file of {split_dir} could be read as an image (the warnings above list them)")
+        os.replace(map_tmp, map_path)
+        os.replace(zip_tmp, zip_path)
+    except BaseException:
+        for leftover in (zip_tmp, map_tmp):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+        raise
+    return len(paths) - len(skipped), skipped
+
+
+def _read_image_file(path: str) -> Optional[bytes]:
+    """The bytes of an image file, or None (with a warning) when it cannot be read or is not an image."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+        open_image(io.BytesIO(data))
+    except UNREADABLE_ERRORS as error:
+        logger.warning("skipped %s: it cannot be read as an image (%s: %s)", path, type(error).__name__, error)
+        return None
+    return data
 
 
 def make_zip_dataset(src: str, dst: str, splits: Sequence[str] = ("train", "val"),
-                     progress: Optional[ProgressFn] = None) -> None:
+                     progress: Optional[ProgressFn] = None) -> List[str]:
     """Turns a folder dataset (``src/train``, ``src/val``) into the zip layout in ``dst``.
 
     Labels follow the sorted class folders of ``src/train``. A split whose zip and map file both exist
@@ -180,14 +212,23 @@ def make_zip_dataset(src: str, dst: str, splits: Sequence[str] = ("train", "val"
         dst: output folder (created if needed; may be ``src``).
         splits: the splits to convert.
         progress: called as ``progress(split, done, total)`` after each image.
+
+    Returns:
+        The files left out because they could not be read (each also logged).
     """
     class_names = find_classes(os.path.join(src, "train"))
     os.makedirs(dst, exist_ok=True)
+    skipped: List[str] = []
     for split in splits:
         zip_path = os.path.join(dst, f"{split}.zip")
         map_path = os.path.join(dst, f"{split}_map.txt")
         if os.path.isfile(zip_path) and os.path.isfile(map_path):
             logger.info("%s and %s exist; skipping split %s", zip_path, map_path, split)
             continue
-        count = write_zip_split(os.path.join(src, split), zip_path, map_path, class_names, progress)
+        count, left_out = write_zip_split(os.path.join(src, split), zip_path, map_path, class_names, progress)
         logger.info("wrote %s (%d images, %d classes) and %s", zip_path, count, len(class_names), map_path)
+        if left_out:
+            logger.warning("left %d unreadable files of %s out of %s: %s", len(left_out), split, zip_path,
+                           ", ".join(left_out))
+        skipped.extend(left_out)
+    return skipped

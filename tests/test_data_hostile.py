@@ -8,6 +8,7 @@ import os
 import struct
 import sys
 import warnings
+import zipfile
 import zlib
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data import build_dataset, build_loader, build_transform
+from data import build_dataset, build_loader, build_transform, make_zip_dataset
 from data.datasets import decode_image
 from test_data import GARBAGE, make_config, make_folder_dataset, write_jpeg
 
@@ -171,3 +172,73 @@ def test_predict_refuses_a_12000_px_image_from_its_header(tmp_path, capsys, monk
     assert f"cannot read {bomb}: Image size (144000000 pixels) exceeds limit" in err
     assert str(ok) in out and decoded_sizes == [(7, 5)]
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+# ----- folder scanning -----
+
+def test_a_directory_link_loop_is_followed_once_and_reported(tmp_path, caplog):
+    root = make_folder_dataset(tmp_path)
+    os.symlink(".", tmp_path / "train" / "cat" / "loopdir")  # `ln -s . train/cat/loopdir`
+    os.makedirs(tmp_path / "train" / "dog" / "more")
+    write_jpeg(str(tmp_path / "train" / "dog" / "more" / "x.jpg"), seed=3)
+    os.symlink(os.path.join("..", "emu"), tmp_path / "train" / "dog" / "emu_link")  # into another class
+    with caplog.at_level(logging.WARNING):
+        train = build_dataset(True, make_config(root))
+    assert train.targets == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert train.image_path(5).endswith(os.path.join("dog", "more", "x.jpg"))
+    assert f"skipped folder {tmp_path / 'train' / 'cat' / 'loopdir'}" in caplog.text
+    assert f"skipped folder {tmp_path / 'train' / 'dog' / 'emu_link'}" in caplog.text
+    make_zip_dataset(root, str(tmp_path / "zip"), splits=["train"])
+    assert (tmp_path / "zip" / "train_map.txt").read_text().count("\n") == 8
+
+
+# ----- zip writer -----
+
+def test_zip_writer_leaves_out_unreadable_files_and_reports_them(tmp_path, caplog):
+    src = make_folder_dataset(tmp_path / "src")
+    dangling = tmp_path / "src" / "train" / "cat" / "dangling.jpg"
+    os.symlink(tmp_path / "nowhere.jpg", dangling)
+    garbage = tmp_path / "src" / "val" / "dog" / "garbage.jpg"
+    garbage.write_bytes(GARBAGE)
+    dst = tmp_path / "dst"
+    with caplog.at_level(logging.WARNING):
+        skipped = make_zip_dataset(src, str(dst))
+    assert skipped == [str(dangling), str(garbage)]
+    assert f"skipped {dangling}" in caplog.text and f"skipped {garbage}" in caplog.text
+    for split, count in (("train", 7), ("val", 4)):
+        with zipfile.ZipFile(dst / f"{split}.zip") as archive:
+            names = archive.namelist()
+        assert len(names) == count and "cat/dangling.jpg" not in names and "dog/garbage.jpg" not in names
+        assert [line.split("\t")[0] for line in (dst / f"{split}_map.txt").read_text().splitlines()] == names
+    assert sorted(os.listdir(dst)) == ["train.zip", "train_map.txt", "val.zip", "val_map.txt"]
+
+
+def test_zip_writer_removes_its_tmp_files_after_a_failure_and_restarts(tmp_path, monkeypatch):
+    src = make_folder_dataset(tmp_path / "src")
+    dst = tmp_path / "dst"
+    writestr = zipfile.ZipFile.writestr
+    written = []
+
+    def full_disk_after_two(archive, info, data, **kwargs):
+        if len(written) == 2:
+            raise OSError(28, "No space left on device")
+        written.append(info)
+        return writestr(archive, info, data, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", full_disk_after_two)
+    with pytest.raises(OSError, match="No space left"):
+        make_zip_dataset(src, str(dst))
+    assert os.listdir(dst) == []
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", writestr)
+    assert make_zip_dataset(src, str(dst)) == []
+    assert sorted(os.listdir(dst)) == ["train.zip", "train_map.txt", "val.zip", "val_map.txt"]
+
+
+def test_zip_tool_reports_an_unusable_output_in_one_line(tmp_path, capsys, monkeypatch):
+    src = make_folder_dataset(tmp_path / "src")
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("in the way")
+    monkeypatch.setattr(sys, "argv", ["make_zip_dataset.py", src, str(not_a_folder)])
+    assert load_tool("make_zip_dataset").main() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(not_a_folder) in err and len(err.strip().splitlines()) == 1

@@ -4,7 +4,9 @@
 
 DST receives train.zip, val.zip, train_map.txt and val_map.txt (labels follow the sorted class folders
 of SRC/train). Run it again after an interruption: finished splits are skipped, and a split is only
-renamed to its final name once complete.
+renamed to its final name once complete (a failed split leaves no .tmp file behind). Files that cannot be
+read as images are left out and listed. Exit status 2 with a one-line message when the source cannot be
+used or the output cannot be written.
 """
 import argparse
 import logging
@@ -43,10 +45,12 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        make_zip_dataset(args.src, args.dst, args.splits, progress=ProgressLine())
-    except DataError as error:
-        logging.error("%s", error)
-        return 1
+        skipped = make_zip_dataset(args.src, args.dst, args.splits, progress=ProgressLine())
+    except (DataError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if skipped:
+        print(f"finished; {len(skipped)} unreadable files were left out (listed above)", file=sys.stderr)
     return 0
 
 

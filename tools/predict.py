@@ -25,7 +25,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import IMAGENET22K_NUM_CLASSES, ConfigError, load_config  # noqa: E402
-from data.datasets import UNREADABLE_ERRORS, decode_image  # noqa: E402
+from data.decode import UNREADABLE_ERRORS, decode_image  # noqa: E402
 from data.errors import DataError  # noqa: E402
 from data.layout import find_classes, is_image_file  # noqa: E402
 from data.transforms import build_transform  # noqa: E402
@@ -102,7 +102,7 @@ def read_image(path: str, transform: Callable) -> torch.Tensor:
     before it is decoded.
 
     Raises:
-        OSError, ValueError, ...: see ``data.datasets.UNREADABLE_ERRORS``.
+        OSError, ValueError, ...: see ``data.decode.UNREADABLE_ERRORS``.
     """
     with open(path, "rb") as f:
         image = decode_image(f)
