@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import struct
+import subprocess
 import sys
 import warnings
 import zipfile
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data import build_dataset, build_loader, build_transform, make_zip_dataset
+from data import DataError, build_dataset, build_loader, build_transform, make_zip_dataset
 from data.datasets import decode_image
 from test_data import GARBAGE, make_config, make_folder_dataset, write_jpeg
 
@@ -242,3 +243,37 @@ def test_zip_tool_reports_an_unusable_output_in_one_line(tmp_path, capsys, monke
     assert load_tool("make_zip_dataset").main() == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(not_a_folder) in err and len(err.strip().splitlines()) == 1
+
+
+# ----- errors from loader workers -----
+
+def run_main(args, cwd=REPO):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(REPO, "main.py")] + args, cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_too_many_unreadable_images_in_a_worker_stop_with_one_line(tmp_path):
+    root = make_folder_dataset(tmp_path / "data", train={"cat": 10, "dog": 2, "emu": 2})
+    for i in range(2, 10):
+        (tmp_path / "data" / "train" / "cat" / f"{i}.jpg").write_bytes(GARBAGE)
+    result = run_main(["--cfg", DEMO, "--data-path", root, "--output", str(tmp_path / "out"), "--batch-size", "2",
+                       "--opts", "MODEL.NUM_CLASSES", "3", "DATA.PREPARE_DIGITS", "False"] + TINY[:-2]
+                      + ["DATA.NUM_WORKERS", "1"])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "could not be decoded, more than DATA.MAX_BAD_FRACTION" in lines[0]
+    assert "Caught DataError" not in result.stderr + result.stdout and "Traceback" not in result.stdout
+
+
+def test_data_error_from_a_worker_keeps_its_own_message(tmp_path):
+    root = make_folder_dataset(tmp_path, train={"cat": 10, "dog": 2, "emu": 1})
+    for i in range(2, 10):
+        (tmp_path / "train" / "cat" / f"{i}.jpg").write_bytes(GARBAGE)
+    with pytest.raises(DataError) as caught:
+        list(DataLoader(build_dataset(True, make_config(root)), batch_size=4, num_workers=1))
+    assert str(caught.value).startswith("5 of the 7 images read in this process")
+    assert "in DataLoader worker process 0" in caught.value.worker_traceback
+    assert str(DataError("plain")) == "plain" and DataError("plain").worker_traceback == ""
