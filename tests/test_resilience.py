@@ -260,7 +260,8 @@ def test_resume_from_a_truncated_checkpoint(trained_run, capsys, digits_root, tm
 def test_resume_from_another_architecture(trained_run, capsys, digits_root):
     source = os.path.join(trained_run, RUN, "ckpt_epoch_0.pth")
     fails_with(base_argv(digits_root, trained_run) + ["--resume", source, "--opts"] + SMALL
-               + ["MODEL.SWIN.EMBED_DIM", "24"], r"does not fit this model", capsys, trained_run)
+               + ["MODEL.SWIN.EMBED_DIM", "24"], r"MODEL.SWIN.EMBED_DIM is 24 but the checkpoint was trained with 16, "
+               r"and its weights do not fit this model", capsys, trained_run)
 
 
 def test_resume_from_a_pickle_that_runs_code(trained_run, capsys, digits_root, tmp_path):

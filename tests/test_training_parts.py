@@ -156,7 +156,7 @@ def test_checkpoint_retention_and_fallback_past_a_truncated_file(tmp_path):
     assert not (tmp_path / "ckpt_epoch_0.pth").exists()
     newest = tmp_path / "ckpt_epoch_3.pth"
     newest.write_bytes(newest.read_bytes()[:40])
-    assert find_resumable(out)["epoch"] == 2
+    assert find_resumable(out)[1]["epoch"] == 2
 
 
 def test_code_carrying_pickle_is_refused(tmp_path):
