@@ -8,6 +8,7 @@ reference". The flow is always the same: defaults -> files (with their BASE file
 import ast
 import logging
 import os
+import tempfile
 from typing import Any, Iterable, Optional, Sequence
 
 import yaml
@@ -412,6 +413,26 @@ def finalize(config: CN, world_size: int = 1) -> CN:
     config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
     config.freeze()
     return config
+
+
+def prepare_output_dir(path: str) -> None:
+    """Creates the run folder ``path`` and checks that a file can be written in it, before any data is read.
+
+    Raises:
+        ConfigError: the folder cannot be created or written to; the message names it and the blocking file.
+    """
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        where = os.path.abspath(path)
+        blocker = where
+        while not os.path.exists(blocker) and os.path.dirname(blocker) != blocker:
+            blocker = os.path.dirname(blocker)
+        reason = f"{blocker} is a file, not a folder" if os.path.isfile(blocker) else (error.strerror or str(error))
+        raise ConfigError(f"cannot create or write the run folder {where}: {reason}. Give --output (OUTPUT) a "
+                          "folder you can write to; the run writes to OUTPUT/MODEL.NAME/TAG.") from error
 
 
 def load_config(path: Optional[str] = None, opts: Iterable[str] = (), args: Any = None,

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import resource
+import signal
 import sys
 import time
 
@@ -26,8 +27,9 @@ from logger import setup_logging
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
-from checkpoint import (CheckpointError, load_eval_weights, load_pretrained, resume_candidates, resume_training,
-                        save_training_checkpoint)
+from preemption import StopSignals, TrainingStopped, exit_status
+from checkpoint import (CheckpointError, checkpoint_name, load_eval_weights, load_pretrained, resume_candidates,
+                        resume_training, save_training_checkpoint)
 from utils import (get_rank, get_world_size, init_distributed, is_main_process, run_lock, seed_everything,
                    shutdown_distributed)
 
@@ -152,7 +154,8 @@ def run(config: CfgNode, device: torch.device, rank: int, world_size: int) -> in
     model, model_ema, train_model = prepare_model(config, device)
     if config.EVAL_MODE:
         return evaluate_only(config, model, loaders, device)
-    return train(config, model, model_ema, train_model, loaders, device)
+    with StopSignals() as stop:
+        return train(config, model, model_ema, train_model, loaders, device, stop)
 
 
 def evaluate_only(config: CfgNode, model: nn.Module, loaders, device: torch.device) -> int:
@@ -173,7 +176,9 @@ def evaluate_only(config: CfgNode, model: nn.Module, loaders, device: torch.devi
     return 0
 
 
-def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, loaders, device: torch.device) -> int:
+def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, loaders, device: torch.device,
+          stop: StopSignals) -> int:
+    """Trains to TRAIN.EPOCHS from where the run stands; ``stop`` ends it cleanly on a signal (see preemption.py)."""
     optimizer = build_optimizer(config, model, device)
     accum = config.TRAIN.ACCUMULATION_STEPS
     batches_per_epoch = len(loaders.train_loader)
@@ -220,13 +225,20 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
                                      acc1, is_best)
 
         def save_due(current: EpochState) -> bool:
-            return bool(config.TRAIN.SAVE_ITERS) and current.update % config.TRAIN.SAVE_ITERS == 0 \
-                and current.update < updates_per_epoch
+            if current.update == updates_per_epoch:
+                return False  # the epoch-end checkpoint follows (a stop request is honoured there)
+            # Asked on every process after every update, so the stop request is agreed at the same update.
+            return stop.stop_now() or (bool(config.TRAIN.SAVE_ITERS) and current.update % config.TRAIN.SAVE_ITERS == 0)
+
+        def save_mid_epoch(current: EpochState) -> None:
+            save(current, complete=False)
+            if stop.agreed:
+                raise stop.stopped(f"epoch {current.epoch} update {current.update} of {updates_per_epoch}",
+                                   os.path.join(config.OUTPUT, checkpoint_name(current.epoch, current.update, False)))
 
         try:
             train_metrics = train_one_epoch(parts, loaders.train_loader, state, device, precision, config.PRINT_FREQ,
-                                            len(loaders.train_loader), save_due,
-                                            lambda current: save(current, complete=False), log_scalar)
+                                            len(loaders.train_loader), save_due, save_mid_epoch, log_scalar)
         except NonFiniteLossError as error:
             newest = resume_candidates(config.OUTPUT)
             if newest:
@@ -240,7 +252,8 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
         is_best = metrics["acc1"] > state.max_accuracy
         state.max_accuracy = max(state.max_accuracy, metrics["acc1"])
         last = epoch == config.TRAIN.EPOCHS - 1
-        if epoch % config.SAVE_FREQ == 0 or last or is_best:
+        stopping = not last and stop.stop_now()
+        if epoch % config.SAVE_FREQ == 0 or last or is_best or stopping:
             save(state, complete=True, acc1=metrics["acc1"], is_best=is_best)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_metrics.items()},
                   **{f"val_{k}": v for k, v in metrics.items()}, "max_acc1": state.max_accuracy}
@@ -255,6 +268,9 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
         if is_main_process():
             with open(os.path.join(config.OUTPUT, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if stopping:
+            raise stop.stopped(f"the end of epoch {epoch}",
+                               os.path.join(config.OUTPUT, checkpoint_name(epoch, updates_per_epoch, True)))
     if writer is not None:
         writer.close()
     logger.info("training time %s", time.strftime("%H:%M:%S", time.gmtime(time.time() - start)))
@@ -267,6 +283,18 @@ def cli(argv=None) -> int:
 
     try:
         return main(argv)
+    except TrainingStopped as stopped:
+        logger.warning("%s", stopped)
+        if not logging.getLogger().handlers:
+            print(stopped, file=sys.stderr)
+        return stopped.exit_status
+    except KeyboardInterrupt:
+        message = "interrupted by Ctrl-C; nothing saved since the last checkpoint (exit status 130)"
+        if logging.getLogger().handlers:
+            logger.warning("%s", message)
+        else:
+            print(message, file=sys.stderr)
+        return exit_status(signal.SIGINT)
     except (ConfigError, CheckpointError, NonFiniteLossError, DataError) as error:
         if logging.getLogger().handlers:  # without handlers, logging's last resort would repeat it on stderr
             logger.error("%s", error)

@@ -57,7 +57,24 @@ def init_distributed() -> torch.device:
         dist.init_process_group(backend, store=_rendezvous_store(world_size, timeout), rank=int(os.environ["RANK"]),
                                 world_size=world_size, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
+        global _CONTROL_GROUP
+        # Control flags (stop requests) are agreed on CPU tensors every update; under NCCL they get a gloo
+        # group of their own, so agreeing never waits for the GPU.
+        _CONTROL_GROUP = dist.new_group(backend="gloo") if backend == "nccl" else None
     return device
+
+
+_CONTROL_GROUP = None  # gloo group for control flags under NCCL; None: the default (gloo) group
+
+
+def max_over_processes(value: int) -> int:
+    """The largest ``value`` of all processes (collective on a CPU tensor, no device sync); ``value`` alone
+    in a single process."""
+    if not is_distributed():
+        return value
+    flag = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+    return int(flag.item())
 
 
 def _rendezvous_store(world_size: int, timeout: datetime.timedelta) -> dist.Store:

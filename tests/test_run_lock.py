@@ -1,0 +1,76 @@
+"""One run per output folder: a second run stops at once naming the holder; a killed holder frees the folder."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from config import ConfigError
+from utils import RUN_LOCK, run_lock
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "demo", "swin_micro_digits.yaml")
+RUN = os.path.join("swin_micro_digits", "default")
+
+
+def test_second_holder_in_the_same_process_is_refused_and_the_lock_is_released(tmp_path):
+    with run_lock(str(tmp_path)):
+        holder = f"pid {os.getpid()} on host {socket.gethostname()}"
+        with pytest.raises(ConfigError, match=rf"output folder {tmp_path} is in use by another run: {holder}, "
+                                              r"started \S+ \(lock file run.lock\); wait for it to end, or give "
+                                              r"another --tag or --output"):
+            with run_lock(str(tmp_path)):
+                pass
+        assert (tmp_path / RUN_LOCK).exists()
+    assert not (tmp_path / RUN_LOCK).exists(), "a run that ended left its lock file behind"
+    with run_lock(str(tmp_path)):
+        pass
+
+
+def test_only_rank_0_takes_the_lock(tmp_path):
+    with run_lock(str(tmp_path)):
+        with run_lock(str(tmp_path), rank=1):  # not distributed here: another rank of the same job
+            pass
+
+
+def driver(output, data, *flags):
+    return [sys.executable, "main.py", "--cfg", DEMO, "--output", str(output), "--data-path", str(data), *flags]
+
+
+def environment():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.slow
+def test_a_second_run_stops_naming_the_holder_until_the_holder_is_killed(tmp_path):
+    run_dir = tmp_path / "out" / RUN
+    run_dir.mkdir(parents=True)
+    # The holder is the lock main.py takes, held by a process that then hangs like a long training run.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom utils import run_lock\nwith run_lock(sys.argv[1]):\n"
+                               "    print('locked', flush=True)\n    time.sleep(600)\n", str(run_dir)],
+        cwd=REPO, env=environment(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        data = tmp_path / "no_data_here"  # the demo config would prepare the digits there: it must not get that far
+        second = subprocess.run(driver(tmp_path / "out", data), cwd=REPO, env=environment(), capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in second.stdout, second.stderr
+        assert re.search(rf"output folder {run_dir} is in use by another run: pid {holder.pid} on host "
+                         rf"{re.escape(socket.gethostname())}", lines[0]), lines[0]
+        assert not data.exists()
+        assert not (run_dir / "log_rank0.txt").exists(), "the refused run wrote into the folder"
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert (run_dir / RUN_LOCK).exists()  # a killed run cannot clean up; the OS released its lock all the same
+    again = subprocess.run(driver(tmp_path / "out", tmp_path / "no_data_here", "--throughput", "--batch-size", "2"),
+                           cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "throughput on " in again.stdout
+    assert not (run_dir / RUN_LOCK).exists()
