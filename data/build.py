@@ -19,6 +19,7 @@ from data.layout import FOLDER_LAYOUT, IMAGENET22K_LAYOUT, ZIP_LAYOUT, find_clas
 from data.samplers import (DistributedTrainSampler, ResumableSampler, SeededSampler, ShardedEvalSampler,
                            ShardTrainSampler)
 from data.transforms import build_mixup, build_transform
+from preemption import ignore_stop_signals_in_worker
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def build_dataset(is_train: bool, config: CfgNode, rank: int = 0, world_size: in
             dataset = _folder_dataset(is_train, config, transform)
     else:
         raise ConfigError(f"DATA.DATASET must be one of imagenet, imagenet22K, folder; got {dataset_name!r}")
+    # Evaluation leaves unreadable images out (engine.validate counts them), so that none is counted twice.
+    dataset.replace_unreadable = is_train
     logger.info("%s data: %d images, %d classes, from %s", "train" if is_train else "val", len(dataset),
                 len(dataset.class_names), dataset.describe())
     return dataset
@@ -140,6 +143,7 @@ def _data_loader(dataset: ImageDataset, sampler: Sampler, config: CfgNode, drop_
         persistent_workers=workers > 0,
         prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
         generator=generator,
+        worker_init_fn=ignore_stop_signals_in_worker,  # the training process handles Ctrl-C and SIGTERM
     )
 
 
