@@ -3,10 +3,11 @@
 Feature maps travel between modules as (B, H, W, C). Any input size works: each block pads its map to a
 multiple of its window and crops back, with attention masks built for the actual size and cached.
 """
+import functools
 import logging
 import math
 from collections import OrderedDict
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -141,9 +142,7 @@ class WindowAttention(nn.Module):
             (B * nW, N, C).
         """
         BnW, N, C = x.shape
-        head_dim = C // self.num_heads
-        qkv = self.qkv(x).reshape(BnW, N, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B * nW, nH, N, d)
+        q, k, v = self.query_key_value(x)
         bias = self.relative_position_bias()
         if self._use_sdpa(x):
             x = self._sdpa(q, k, v, bias, mask)
@@ -151,6 +150,12 @@ class WindowAttention(nn.Module):
             x = self._explicit(q, k, v, bias, mask)
         x = x.transpose(1, 2).reshape(BnW, N, C)
         return self.proj_drop(self.proj(x))
+
+    def query_key_value(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B * nW, N, C) -> q, k, v, each (B * nW, nH, N, head_dim); attention multiplies q k^T by ``self.scale``."""
+        BnW, N, C = x.shape
+        qkv = self.qkv(x).reshape(BnW, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)
 
     def _use_sdpa(self, x: torch.Tensor) -> bool:
         if self.attn_impl == "auto":
@@ -177,7 +182,9 @@ class WindowAttention(nn.Module):
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                   mask: Optional[torch.Tensor]) -> torch.Tensor:
         BnW, nH, N, _ = q.shape
-        attn = (q * self.scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)
+        if self.scale != 1.0:
+            q = q * self.scale
+        attn = q @ k.transpose(-2, -1) + bias.unsqueeze(0)
         if mask is not None:
             nW = mask.shape[0]
             attn = attn.reshape(BnW // nW, nW, nH, N, N) + mask.unsqueeze(1).unsqueeze(0)
@@ -191,22 +198,25 @@ class WindowAttention(nn.Module):
         return (N * self.dim * 3 * self.dim + 2 * self.num_heads * N * head_dim * N + N * self.dim * self.dim)
 
 
-class SwinTransformerBlock(nn.Module):
-    """Norm -> (shifted) window attention -> residual, norm -> MLP -> residual.
+class WindowBlock(nn.Module):
+    """What every window block shares: token mixing inside (shifted) windows of a padded map, and the MLP.
+
+    A family's block creates ``norm1`` and its token mixer, then calls :meth:`_add_ffn` (so parameters keep the
+    reference's order), implements :meth:`mix_tokens` and its own ``forward`` (pre- or post-norm) around
+    :meth:`window_mix`.
 
     Args:
         dim: channels.
-        num_heads: attention heads.
         window_size: window side (already clamped to the stage resolution by the stage).
-        shift_size: cyclic shift; 0 for W-MSA blocks.
+        shift_size: shift of the windows; 0 for unshifted blocks.
         mlp_ratio: MLP hidden size over ``dim``.
-        drop_path: stochastic depth rate of this block.
         fused_window_process: roll + partition with the fused kernel where it is available.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift_size: int = 0,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, attn_impl: str = "auto",
+    # Whether mix_tokens needs the additive shifted-window / padding mask of BasicLayer.masks.
+    needs_mask = True
+
+    def __init__(self, dim: int, window_size: int, shift_size: int, mlp_ratio: float,
                  fused_window_process: bool = False):
         super().__init__()
         if not 0 <= shift_size < window_size:
@@ -216,11 +226,17 @@ class SwinTransformerBlock(nn.Module):
         self.shift_size = shift_size
         self.mlp_ratio = mlp_ratio
         self.fused_window_process = fused_window_process
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop, attn_impl)
+
+    def _add_ffn(self, drop: float, drop_path: float) -> None:
+        """Creates ``drop_path``, ``norm2`` and ``mlp``, in the reference's order."""
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.norm2 = nn.LayerNorm(self.dim)
+        self.mlp = Mlp(in_features=self.dim, hidden_features=int(self.dim * self.mlp_ratio), act_layer=nn.GELU,
+                       drop=drop)
+
+    def mix_tokens(self, windows: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B * nW, N, C) tokens of each window -> the same shape, mixed within each window."""
+        raise NotImplementedError
 
     def _partition(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Hp, Wp, C) -> shifted windows (B * nW, ws, ws, C)."""
@@ -247,6 +263,56 @@ class SwinTransformerBlock(nn.Module):
         from kernels.window_process import is_available
         return is_available(x.device)
 
+    def window_mix(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C): pads to the window, mixes tokens in (shifted) windows, crops back."""
+        B, H, W, C = x.shape
+        ws = self.window_size
+        pad_h, pad_w = (ws - H % ws) % ws, (ws - W % ws) % ws
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
+        # The fused op and attention kernels choose their output layouts: reshape, never view.
+        windows = self._partition(x).reshape(-1, ws * ws, C)
+        windows = self.mix_tokens(windows, mask).reshape(-1, ws, ws, C)
+        x = self._merge(windows, B, Hp, Wp)
+        if pad_h or pad_w:
+            x = x[:, :H, :W, :].contiguous()
+        return x
+
+    def mixing_flops(self, H: int, W: int) -> float:
+        """Multiply-accumulates of the token mixing at map size H x W."""
+        raise NotImplementedError
+
+    def flops(self, H: int, W: int) -> float:
+        """Multiply-accumulates at map size H x W (reference convention: LayerNorm counts 1 per element)."""
+        return 2 * self.dim * H * W + self.mixing_flops(H, W) + 2 * H * W * self.dim * self.dim * self.mlp_ratio
+
+
+class SwinTransformerBlock(WindowBlock):
+    """Norm -> (shifted) window attention -> residual, norm -> MLP -> residual.
+
+    Args:
+        dim: channels.
+        num_heads: attention heads.
+        window_size: window side (already clamped to the stage resolution by the stage).
+        shift_size: cyclic shift; 0 for W-MSA blocks.
+        mlp_ratio: MLP hidden size over ``dim``.
+        drop_path: stochastic depth rate of this block.
+        fused_window_process: roll + partition with the fused kernel where it is available.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift_size: int = 0,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, attn_impl: str = "auto",
+                 fused_window_process: bool = False):
+        super().__init__(dim, window_size, shift_size, mlp_ratio, fused_window_process)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop, attn_impl)
+        self._add_ffn(drop, drop_path)
+
+    def mix_tokens(self, windows: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.attn(windows, mask)
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Args:
             x: (B, H, W, C).
@@ -255,28 +321,11 @@ class SwinTransformerBlock(nn.Module):
         Returns:
             (B, H, W, C).
         """
-        B, H, W, C = x.shape
-        ws = self.window_size
-        shortcut = x
-        x = self.norm1(x)
-        pad_h, pad_w = (ws - H % ws) % ws, (ws - W % ws) % ws
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        Hp, Wp = H + pad_h, W + pad_w
-        # The fused op and attention kernels choose their output layouts: reshape, never view.
-        windows = self._partition(x).reshape(-1, ws * ws, C)
-        windows = self.attn(windows, mask).reshape(-1, ws, ws, C)
-        x = self._merge(windows, B, Hp, Wp)
-        if pad_h or pad_w:
-            x = x[:, :H, :W, :].contiguous()
-        x = shortcut + self.drop_path(x)
+        x = x + self.drop_path(self.window_mix(self.norm1(x), mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
-    def flops(self, H: int, W: int) -> float:
-        """Multiply-accumulates at map size H x W (reference convention: LayerNorm counts 1 per element)."""
-        num_windows = H * W / self.window_size / self.window_size
-        return (2 * self.dim * H * W + num_windows * self.attn.flops(self.window_size ** 2)
-                + 2 * H * W * self.dim * self.dim * self.mlp_ratio)
+    def mixing_flops(self, H: int, W: int) -> float:
+        return H * W / self.window_size / self.window_size * self.attn.flops(self.window_size ** 2)
 
 
 class PatchMerging(nn.Module):
@@ -290,6 +339,11 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
+        return self.reduction(self.norm(self.gather(x)))
+
+    @staticmethod
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 4C): each 2x2 neighbourhood concatenated."""
         B, H, W, C = x.shape
         if H % 2 or W % 2:
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
@@ -297,29 +351,29 @@ class PatchMerging(nn.Module):
         # The released weights of `reduction` expect the channel blocks ordered (row 0, col 0), (row 1, col 0),
         # (row 0, col 1), (row 1, col 1) of each 2x2 patch: column offset outer, row offset inner. A reshape
         # gives that order with one copy (strided slicing plus cat costs four, and four more in backward).
-        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
-        return self.reduction(self.norm(x))
+        return x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
 
     def flops(self, H: int, W: int) -> int:
         return H * W * self.dim + (H // 2) * (W // 2) * 4 * self.dim * 2 * self.dim
 
 
 class BasicLayer(nn.Module):
-    """One stage: ``depth`` blocks alternating W-MSA and SW-MSA, then optional patch merging.
+    """One stage of any family: ``depth`` blocks alternating unshifted and shifted windows, then optional merging.
 
     Args:
         dim: channels.
         input_resolution: (H, W) of the map at the configured image size; fixes the window and shift.
         depth: blocks.
+        window_size: configured window; clamped to the map where the map is not larger.
+        make_block: ``make_block(window_size, shift_size, drop_path)`` -> a :class:`WindowBlock` of the family.
         drop_path: stochastic depth rate of each block.
-        downsample: end the stage with patch merging.
+        downsample: ``downsample(dim)`` -> the patch merging that ends the stage, or None.
         use_checkpoint: gradient checkpointing per block.
     """
 
-    def __init__(self, dim: int, input_resolution: Tuple[int, int], depth: int, num_heads: int, window_size: int,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: Sequence[float] = (), downsample: bool = False,
-                 use_checkpoint: bool = False, attn_impl: str = "auto", fused_window_process: bool = False):
+    def __init__(self, dim: int, input_resolution: Tuple[int, int], depth: int, window_size: int,
+                 make_block: Callable[[int, int, float], "WindowBlock"], drop_path: Sequence[float] = (),
+                 downsample: Optional[Callable[[int], nn.Module]] = None, use_checkpoint: bool = False):
         super().__init__()
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
@@ -333,13 +387,13 @@ class BasicLayer(nn.Module):
         self.window_size = window_size
         self.shift_size = shift_size
         drop_path = list(drop_path) or [0.0] * depth
-        self.blocks = nn.ModuleList([
-            SwinTransformerBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else shift_size, mlp_ratio, qkv_bias,
-                                 qk_scale, drop, attn_drop, drop_path[i], attn_impl, fused_window_process)
-            for i in range(depth)])
-        self.downsample = PatchMerging(dim) if downsample else None
+        self.blocks = nn.ModuleList([make_block(window_size, 0 if i % 2 == 0 else shift_size, drop_path[i])
+                                     for i in range(depth)])
+        self.needs_mask = any(block.needs_mask for block in self.blocks)
+        self.downsample = downsample(dim) if downsample is not None else None
         H, W = self.input_resolution
-        self.register_buffer("attn_mask", self._build_mask(H, W, shift_size), persistent=False)
+        mask = self._build_mask(H, W, shift_size) if self.needs_mask else None
+        self.register_buffer("attn_mask", mask, persistent=False)
         self._mask_cache: "OrderedDict[tuple, Optional[torch.Tensor]]" = OrderedDict()
 
     def _build_mask(self, H: int, W: int, shift_size: int) -> Optional[torch.Tensor]:
@@ -356,6 +410,8 @@ class BasicLayer(nn.Module):
         built once and kept in a small least-recently-used cache keyed by size, device and dtype.
         """
         ws = self.window_size
+        if not self.needs_mask:
+            return None, None
         if (H, W) == self.input_resolution and H % ws == 0 and W % ws == 0:
             mask = self.attn_mask
             return None, None if mask is None else mask.to(device=device, dtype=dtype)
@@ -426,24 +482,31 @@ class PatchEmbed(nn.Module):
         return flops + (Ho * Wo * self.embed_dim if self.norm is not None else 0)
 
 
-class SwinTransformer(nn.Module):
-    """Swin Transformer V1 classifier; argument names are those of the reference constructor.
+def drop_path_rates(depths: Sequence[int], drop_path_rate: float) -> List[List[float]]:
+    """Stochastic depth per block, growing linearly from 0 to ``drop_path_rate`` over all blocks; one list a stage."""
+    rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+    return [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(len(depths))]
 
-    Args:
-        img_size: configured input size; fixes the stage resolutions, windows and position embedding.
-        patch_size, in_chans, num_classes, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias,
-        qk_scale, drop_rate, attn_drop_rate, drop_path_rate, ape, patch_norm, use_checkpoint: as the reference.
-        attn_impl: "auto", "sdpa" or "explicit" attention (see WindowAttention).
-        fused_window_process: use the fused roll + partition kernel where it is available.
+
+class WindowTransformer(nn.Module):
+    """The trunk every family shares: patch embedding, optional absolute position embedding, stages of window
+    blocks with patch merging between them, final norm and linear head; features, heads, stage features, FLOPs.
+
+    A family's constructor calls ``super().__init__()``, then :meth:`_build_trunk` with its block factory and
+    patch merging, then its own initialisation.
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
-                 embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
-                 window_size: int = 7, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.1, ape: bool = False, patch_norm: bool = True,
-                 use_checkpoint: bool = False, attn_impl: str = "auto", fused_window_process: bool = False):
-        super().__init__()
+    def _build_trunk(self, img_size: int, patch_size: int, in_chans: int, num_classes: int, embed_dim: int,
+                     depths: Sequence[int], window_size: int, drop_rate: float, drop_path_rate: float, ape: bool,
+                     patch_norm: bool, use_checkpoint: bool,
+                     make_block: Callable[[int, int, int, float], WindowBlock],
+                     downsample: Callable[[int], nn.Module]) -> None:
+        """Creates the modules, in the reference's order.
+
+        Args:
+            make_block: ``make_block(stage, window_size, shift_size, drop_path)`` -> a block of stage ``stage``.
+            downsample: ``downsample(dim)`` -> the patch merging that ends every stage but the last.
+        """
         self.num_classes = num_classes
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
@@ -455,18 +518,14 @@ class SwinTransformer(nn.Module):
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, res[0] * res[1], embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(p=drop_rate)
-        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # grows linearly over all blocks
-        self.layers = nn.ModuleList()
-        for i, depth in enumerate(depths):
-            self.layers.append(BasicLayer(
-                dim=int(embed_dim * 2 ** i), input_resolution=(res[0] // 2 ** i, res[1] // 2 ** i), depth=depth,
-                num_heads=num_heads[i], window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
-                drop_path=rates[sum(depths[:i]):sum(depths[:i + 1])], downsample=i < self.num_layers - 1,
-                use_checkpoint=use_checkpoint, attn_impl=attn_impl, fused_window_process=fused_window_process))
+        rates = drop_path_rates(depths, drop_path_rate)
+        self.layers = nn.ModuleList([
+            BasicLayer(int(embed_dim * 2 ** i), (res[0] // 2 ** i, res[1] // 2 ** i), depth, window_size,
+                       functools.partial(make_block, i), rates[i],
+                       downsample if i < self.num_layers - 1 else None, use_checkpoint)
+            for i, depth in enumerate(depths)])
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -535,3 +594,32 @@ class SwinTransformer(nn.Module):
         # The reference counts the final norm over H*W / 2**num_layers tokens; kept so figures match.
         flops += self.num_features * H * W // (2 ** self.num_layers)
         return flops + self.num_features * self.num_classes
+
+
+class SwinTransformer(WindowTransformer):
+    """Swin Transformer V1 classifier; argument names are those of the reference constructor.
+
+    Args:
+        img_size: configured input size; fixes the stage resolutions, windows and position embedding.
+        patch_size, in_chans, num_classes, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias,
+        qk_scale, drop_rate, attn_drop_rate, drop_path_rate, ape, patch_norm, use_checkpoint: as the reference.
+        attn_impl: "auto", "sdpa" or "explicit" attention (see WindowAttention).
+        fused_window_process: use the fused roll + partition kernel where it is available.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
+                 window_size: int = 7, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1, ape: bool = False, patch_norm: bool = True,
+                 use_checkpoint: bool = False, attn_impl: str = "auto", fused_window_process: bool = False):
+        super().__init__()
+
+        def make_block(stage: int, window: int, shift: int, drop_path: float) -> SwinTransformerBlock:
+            return SwinTransformerBlock(int(embed_dim * 2 ** stage), num_heads[stage], window, shift, mlp_ratio,
+                                        qkv_bias, qk_scale, drop_rate, attn_drop_rate, drop_path, attn_impl,
+                                        fused_window_process)
+
+        self._build_trunk(img_size, patch_size, in_chans, num_classes, embed_dim, depths, window_size, drop_rate,
+                          drop_path_rate, ape, patch_norm, use_checkpoint, make_block, PatchMerging)
+        self.apply(self._init_weights)
