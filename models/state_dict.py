@@ -24,7 +24,7 @@ class LoadReport:
     unexpected: List[str] = field(default_factory=list)
     resized: List[str] = field(default_factory=list)
     class_mapped: List[str] = field(default_factory=list)  # head tensors whose rows a class map selected
-    reinitialised: List[str] = field(default_factory=list)
+    reinitialised: List[str] = field(default_factory=list)  # a new head, set to zeros as the reference does
 
     def summary(self) -> str:
         parts = [f"{len(self.loaded)} tensors loaded"]
@@ -32,7 +32,8 @@ class LoadReport:
             keys = getattr(self, name)
             if keys:
                 shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-                parts.append(f"{name.replace('_', ' ')}: {shown}")
+                label = "new head initialised to zeros" if name == "reinitialised" else name.replace("_", " ")
+                parts.append(f"{label}: {shown}")
         return "; ".join(parts)
 
 
@@ -150,8 +151,8 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module,
     Derived buffers are dropped; relative position bias tables and the absolute position embedding
     are resized bicubically to the model's windows and resolution. With ``class_map`` (one pretrained
     row per class of the model) the head takes those rows, whatever the two class counts are. Without
-    it, a head of another size, or no head in the checkpoint, leaves the model's freshly initialised
-    head in place with a warning.
+    it, a head of another size, or no head in the checkpoint, gives a new head initialised to zeros (as the
+    reference's fine-tuning does), with a warning.
 
     Raises:
         ValueError: an unexpected learned key, a missing one other than the head, a shape that cannot be
@@ -180,28 +181,28 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module,
             report.resized.append(key)
         elif key in HEAD_KEYS and (class_map is not None or value.shape != target):
             value = _adapt_head(key, value, target, class_map, report)
-            if value is None:
-                continue
         if value.shape != target:
             raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} cannot be adapted to the model's "
                              f"{tuple(target)}; is it another architecture? check MODEL.SWIN.*")
         adapted[key] = value
     absent_head = [k for k in HEAD_KEYS if k in own and k not in state_dict]
     if absent_head:
-        logger.warning("the pretrained weights have no classifier head (%s); the model's head keeps its fresh "
-                       "initialisation", ", ".join(absent_head))
+        logger.warning("the pretrained weights have no classifier head (%s); the new head is initialised to zeros",
+                       ", ".join(absent_head))
         report.reinitialised.extend(absent_head)
-    report.missing = [k for k in own if k not in adapted and k not in report.reinitialised]
+        adapted.update({k: torch.zeros_like(own[k]) for k in absent_head})
+    report.missing = [k for k in own if k not in adapted]
     if report.unexpected or report.missing:
         raise ValueError(f"pretrained weights do not fit this model: unexpected {report.unexpected[:8]}, "
                          f"missing {report.missing[:8]}; is it another architecture? check MODEL.SWIN.*")
-    report.loaded = list(adapted)
+    report.loaded = [k for k in adapted if k not in report.reinitialised]
     return adapted, report
 
 
 def _adapt_head(key: str, value: torch.Tensor, target: torch.Size, class_map: Optional[List[int]],
-                report: LoadReport) -> Optional[torch.Tensor]:
-    """Selects the mapped rows of a pretrained head, or returns None to keep the model's fresh head."""
+                report: LoadReport) -> torch.Tensor:
+    """Selects the mapped rows of a pretrained head, or gives a new head of zeros (the reference's choice: a
+    fine-tuned head starts from zero logits, so the first updates do not push random features around)."""
     if class_map is not None:
         if len(class_map) != target[0]:
             raise ValueError(f"the class map has {len(class_map)} entries but the model has {target[0]} classes "
@@ -212,7 +213,7 @@ def _adapt_head(key: str, value: torch.Tensor, target: torch.Size, class_map: Op
         report.class_mapped.append(key)
         return value[torch.as_tensor(class_map)]
     if key == "head.weight":  # one warning for the head, not one per tensor
-        logger.warning("pretrained head has %d classes, the model %d; the head is re-initialised (give "
+        logger.warning("pretrained head has %d classes, the model %d; the new head is initialised to zeros (give "
                        "MODEL.PRETRAINED_CLASS_MAP to keep mapped rows)", value.shape[0], target[0])
     report.reinitialised.append(key)
-    return None
+    return torch.zeros(target, dtype=value.dtype)
