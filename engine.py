@@ -2,15 +2,19 @@
 import contextlib
 import datetime
 import logging
+import resource
+import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from utils import all_reduce_max, all_reduce_sum
+from data.datasets import unreadable_index
+from data.errors import DataError
+from utils import all_reduce_max, all_reduce_sum, get_world_size, is_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +118,11 @@ def micro_step(parts: TrainParts, images: torch.Tensor, targets: torch.Tensor, d
 
 
 def _memory_mb(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else 0.0
+    """Peak memory so far in MB: tensors allocated on a CUDA device, else the process's resident set (RSS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
 
 
 def train_one_epoch(parts: TrainParts, data_loader: Iterable, state: EpochState, device: torch.device,
@@ -277,41 +285,81 @@ def _log_progress(parts: TrainParts, state: EpochState, batch: int, total: int, 
 @torch.no_grad()
 def validate(model: nn.Module, data_loader: Iterable, device: torch.device, precision: Precision,
              expected_total: int, print_freq: int = 0) -> Dict[str, float]:
-    """Exact top-1 / top-5 accuracy and mean loss over the whole validation set.
+    """Exact top-1 / top-5 accuracy and mean loss over the readable images of the whole validation set.
 
     Each process evaluates its own shard (no padding); integer counts and the loss sum are added up
-    across processes, so the result is the same for any number of processes.
+    across processes, so the result is the same for any number of processes. An item whose label is
+    negative stands for an unreadable image (see ``data.datasets.unreadable_label``): it is left out of the
+    figures, counted, and named in a warning (paths from ``data_loader.dataset.image_path`` when it has one).
+
+    Returns:
+        acc1, acc5 and loss over the ``count`` images evaluated; ``unreadable``, the images left out.
 
     Raises:
-        RuntimeError: the number of images evaluated differs from ``expected_total``.
+        RuntimeError: the images evaluated plus those left out differ from ``expected_total``.
+        DataError: no validation image could be read.
     """
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    counts = torch.zeros(4, device=device, dtype=torch.float64)  # correct@1, correct@5, loss sum, images
+    # correct@1, correct@5, loss sum, images evaluated, images left out
+    counts = torch.zeros(5, device=device, dtype=torch.float64)
+    unreadable: List[int] = []  # this process's image indices
     for index, (images, targets) in enumerate(data_loader):
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with precision.autocast(device):
-            logits = model(images)
-        logits = logits.float()
-        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = topk == targets[:, None]
-        counts[0] += hits[:, :1].sum()
-        counts[1] += hits.sum()
-        counts[2] += criterion(logits, targets)
-        counts[3] += targets.shape[0]
+        readable = targets >= 0  # still on the host: no device sync
+        if not bool(readable.all()):
+            unreadable += [unreadable_index(label) for label in targets[~readable].tolist()]
+            images, targets = images[readable], targets[readable]
+        if len(targets):
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with precision.autocast(device):
+                logits = model(images)
+            logits = logits.float()
+            topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = topk == targets[:, None]
+            counts[0] += hits[:, :1].sum()
+            counts[1] += hits.sum()
+            counts[2] += criterion(logits, targets)
+            counts[3] += targets.shape[0]
         if print_freq and (index + 1) % print_freq == 0:
             logger.info("Test: [%d/%d]", index + 1, len(data_loader))
+    counts[4] += len(unreadable)
     all_reduce_sum(counts)
-    correct1, correct5, loss_sum, total = counts.tolist()
-    if int(total) != expected_total:
-        raise RuntimeError(f"evaluated {int(total)} images but the validation set has {expected_total}: "
-                           "the evaluation sampler must cover each image exactly once")
+    correct1, correct5, loss_sum, total, left_out = counts.tolist()
+    total, left_out = int(total), int(left_out)
+    if total + left_out != expected_total:
+        left = f" and left out {left_out} unreadable ones" if left_out else ""
+        raise RuntimeError(f"evaluated {total} images{left} but the validation set has {expected_total}: the "
+                           "evaluation sampler must cover each image exactly once")
+    if left_out:
+        _report_unreadable(data_loader, unreadable, total, expected_total)
+    if total == 0:
+        raise DataError(f"none of the {expected_total} validation images could be read (the warnings above name "
+                        "them); replace or delete the broken files")
     metrics = {"acc1": 100.0 * correct1 / total, "acc5": 100.0 * correct5 / total, "loss": loss_sum / total,
-               "count": int(total)}
+               "count": total, "unreadable": left_out}
     # Users' log parsers read this exact line.
     logger.info(" * Acc@1 %.3f Acc@5 %.3f", metrics["acc1"], metrics["acc5"])
     return metrics
+
+
+# The unreadable validation images a summary names; the per-image warnings name them all.
+MAX_NAMED_UNREADABLE = 20
+
+
+def _report_unreadable(data_loader: Iterable, unreadable: List[int], evaluated: int, expected_total: int) -> None:
+    """Logs the summary of the images left out, with the paths gathered from all processes (collective)."""
+    if is_distributed():
+        gathered: List[Optional[List[int]]] = [None] * get_world_size()
+        torch.distributed.all_gather_object(gathered, unreadable)
+        unreadable = [index for part in gathered for index in part]
+    dataset = getattr(data_loader, "dataset", None)
+    names = [dataset.image_path(index) if hasattr(dataset, "image_path") else f"image {index}"
+             for index in sorted(unreadable)]
+    more = len(names) - MAX_NAMED_UNREADABLE
+    logger.warning("evaluated %d of %d validation images; %d unreadable images were left out: %s%s", evaluated,
+                   expected_total, len(names), ", ".join(names[:MAX_NAMED_UNREADABLE]),
+                   f" and {more} more (see the warnings above)" if more > 0 else "")
 
 
 def _timed(fn: Callable[[], None], device: torch.device, warmup: int, iterations: int) -> float:
