@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -197,8 +199,6 @@ def run_lock(output_dir: str, rank: int = 0) -> Iterator[None]:
     Raises:
         ConfigError: another process holds the folder.
     """
-    from config import ConfigError
-
     path = os.path.join(output_dir, RUN_LOCK)
     fd: Optional[int] = None
     error: Optional[str] = None
