@@ -71,6 +71,34 @@ _C.MODEL.SWIN.PATCH_NORM = True
 # auto (explicit for CPU training, else sdpa) | sdpa (scaled_dot_product_attention) | explicit (softmax written out)
 _C.MODEL.SWIN.ATTN_IMPL = "auto"
 
+# Swin V2 (MODEL.TYPE swinv2)
+_C.MODEL.SWINV2 = CN()
+_C.MODEL.SWINV2.PATCH_SIZE = 4
+_C.MODEL.SWINV2.IN_CHANS = 3
+_C.MODEL.SWINV2.EMBED_DIM = 96
+_C.MODEL.SWINV2.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWINV2.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWINV2.WINDOW_SIZE = 7
+_C.MODEL.SWINV2.MLP_RATIO = 4.0
+_C.MODEL.SWINV2.QKV_BIAS = True
+_C.MODEL.SWINV2.APE = False
+_C.MODEL.SWINV2.PATCH_NORM = True
+_C.MODEL.SWINV2.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]  # per stage, the window the position bias was trained with
+# Beyond the reference:
+_C.MODEL.SWINV2.ATTN_IMPL = "auto"  # as MODEL.SWIN.ATTN_IMPL
+
+# Swin-MLP (MODEL.TYPE swin_mlp)
+_C.MODEL.SWIN_MLP = CN()
+_C.MODEL.SWIN_MLP.PATCH_SIZE = 4
+_C.MODEL.SWIN_MLP.IN_CHANS = 3
+_C.MODEL.SWIN_MLP.EMBED_DIM = 96
+_C.MODEL.SWIN_MLP.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN_MLP.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN_MLP.WINDOW_SIZE = 7
+_C.MODEL.SWIN_MLP.MLP_RATIO = 4.0
+_C.MODEL.SWIN_MLP.APE = False
+_C.MODEL.SWIN_MLP.PATCH_NORM = True
+
 # Beyond the reference:
 _C.MODEL.PRETRAINED_CLASS_MAP = ""  # text file: for each class of this model, the row of the pretrained head
 _C.MODEL.EMA = CN()
@@ -350,26 +378,44 @@ def _model_types() -> list:
     return sorted(build._BUILDERS)
 
 
+# MODEL.TYPE -> the MODEL section that holds the family's architecture keys.
+MODEL_SECTIONS = {"swin": "SWIN", "swinv2": "SWINV2", "swin_mlp": "SWIN_MLP"}
+
+
 def _check_swin(config: CN) -> None:
-    """Stage lists of positive integers, one per stage, and an image size every stage can work on."""
-    swin = config.MODEL.SWIN
-    for key, values in (("MODEL.SWIN.DEPTHS", swin.DEPTHS), ("MODEL.SWIN.NUM_HEADS", swin.NUM_HEADS)):
+    """Stage lists of positive integers, one per stage, and an image size every stage can work on, in the section
+    of the chosen model family (MODEL.SWIN, MODEL.SWINV2 or MODEL.SWIN_MLP)."""
+    section = MODEL_SECTIONS.get(config.MODEL.TYPE, "SWIN")
+    swin, prefix = config.MODEL[section], f"MODEL.{section}"
+    if section != "SWIN":  # _check already checked MODEL.SWIN's
+        for name in ("WINDOW_SIZE", "PATCH_SIZE", "EMBED_DIM", "IN_CHANS"):
+            if swin[name] <= 0:
+                raise ConfigError(f"{prefix}.{name} must be a positive number, got {swin[name]}")
+    if "ATTN_IMPL" in swin and section != "SWIN" and swin.ATTN_IMPL not in ("auto", "sdpa", "explicit"):
+        raise ConfigError(f"{prefix}.ATTN_IMPL must be one of auto, sdpa, explicit; got {swin.ATTN_IMPL!r}")
+    for key, values in ((f"{prefix}.DEPTHS", swin.DEPTHS), (f"{prefix}.NUM_HEADS", swin.NUM_HEADS)):
         if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
             raise ConfigError(f"{key} must be a list of positive integers, one per stage, like [2, 2, 6, 2]; "
                               f"got {list(values)!r}")
     if len(swin.DEPTHS) != len(swin.NUM_HEADS):
-        raise ConfigError(f"MODEL.SWIN.DEPTHS {list(swin.DEPTHS)} ({len(swin.DEPTHS)} stages) and "
-                          f"MODEL.SWIN.NUM_HEADS {list(swin.NUM_HEADS)} ({len(swin.NUM_HEADS)} entries) need one "
+        raise ConfigError(f"{prefix}.DEPTHS {list(swin.DEPTHS)} ({len(swin.DEPTHS)} stages) and "
+                          f"{prefix}.NUM_HEADS {list(swin.NUM_HEADS)} ({len(swin.NUM_HEADS)} entries) need one "
                           "entry per stage each")
+    if "PRETRAINED_WINDOW_SIZES" in swin:
+        sizes = list(swin.PRETRAINED_WINDOW_SIZES)
+        # Entries beyond the last stage are ignored, as the reference does (the default lists four).
+        if len(sizes) < len(swin.DEPTHS) or not all(isinstance(v, int) and v >= 0 for v in sizes):
+            raise ConfigError(f"{prefix}.PRETRAINED_WINDOW_SIZES must list one window (0: none) per stage, "
+                              f"{len(swin.DEPTHS)} for {prefix}.DEPTHS {list(swin.DEPTHS)}; got {sizes!r}")
     for stage, heads in enumerate(swin.NUM_HEADS):
         dim = swin.EMBED_DIM * 2 ** stage
         if dim % heads:
-            raise ConfigError(f"MODEL.SWIN.NUM_HEADS[{stage}] = {heads} must divide the width of stage {stage} "
-                              f"(MODEL.SWIN.EMBED_DIM {swin.EMBED_DIM} x 2^{stage} = {dim})")
+            raise ConfigError(f"{prefix}.NUM_HEADS[{stage}] = {heads} must divide the width of stage {stage} "
+                              f"({prefix}.EMBED_DIM {swin.EMBED_DIM} x 2^{stage} = {dim})")
     # Each stage after the first halves the map of PATCH_SIZE patches; the last one needs at least one token.
     min_size = swin.PATCH_SIZE * 2 ** (len(swin.DEPTHS) - 1)
     if config.DATA.IMG_SIZE < min_size:
-        raise ConfigError(f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} is too small: with MODEL.SWIN.PATCH_SIZE "
+        raise ConfigError(f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} is too small: with {prefix}.PATCH_SIZE "
                           f"{swin.PATCH_SIZE} and {len(swin.DEPTHS)} stages it must be at least {min_size}")
 
 

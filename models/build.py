@@ -5,7 +5,9 @@ from typing import Callable, Dict
 from torch import nn
 from yacs.config import CfgNode
 
+from models.swin_mlp import SwinMLP
 from models.swin_transformer import SwinTransformer
+from models.swin_transformer_v2 import SwinTransformerV2
 
 logger = logging.getLogger(__name__)
 
@@ -40,3 +42,28 @@ def build_swin(config: CfgNode) -> SwinTransformer:
         qk_scale=swin.QK_SCALE, drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE,
         ape=swin.APE, patch_norm=swin.PATCH_NORM, use_checkpoint=config.TRAIN.USE_CHECKPOINT,
         attn_impl=swin.ATTN_IMPL, fused_window_process=config.FUSED_WINDOW_PROCESS)
+
+
+@register_model("swinv2")
+def build_swinv2(config: CfgNode) -> SwinTransformerV2:
+    swin = config.MODEL.SWINV2
+    return SwinTransformerV2(
+        img_size=config.DATA.IMG_SIZE, patch_size=swin.PATCH_SIZE, in_chans=swin.IN_CHANS,
+        num_classes=config.MODEL.NUM_CLASSES, embed_dim=swin.EMBED_DIM, depths=swin.DEPTHS,
+        num_heads=swin.NUM_HEADS, window_size=swin.WINDOW_SIZE, mlp_ratio=swin.MLP_RATIO, qkv_bias=swin.QKV_BIAS,
+        drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE, ape=swin.APE,
+        patch_norm=swin.PATCH_NORM, use_checkpoint=config.TRAIN.USE_CHECKPOINT,
+        pretrained_window_sizes=swin.PRETRAINED_WINDOW_SIZES, attn_impl=swin.ATTN_IMPL,
+        fused_window_process=config.FUSED_WINDOW_PROCESS)
+
+
+@register_model("swin_mlp")
+def build_swin_mlp(config: CfgNode) -> SwinMLP:
+    swin = config.MODEL.SWIN_MLP
+    return SwinMLP(
+        img_size=config.DATA.IMG_SIZE, patch_size=swin.PATCH_SIZE, in_chans=swin.IN_CHANS,
+        num_classes=config.MODEL.NUM_CLASSES, embed_dim=swin.EMBED_DIM, depths=swin.DEPTHS,
+        num_heads=swin.NUM_HEADS, window_size=swin.WINDOW_SIZE, mlp_ratio=swin.MLP_RATIO,
+        drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE, ape=swin.APE,
+        patch_norm=swin.PATCH_NORM, use_checkpoint=config.TRAIN.USE_CHECKPOINT,
+        fused_window_process=config.FUSED_WINDOW_PROCESS)

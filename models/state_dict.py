@@ -10,7 +10,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 # Buffers that released checkpoints carry but that are derived from shapes, not learned.
-DERIVED_BUFFER_SUFFIXES = ("relative_position_index", "attn_mask")
+DERIVED_BUFFER_SUFFIXES = ("relative_position_index", "attn_mask", "relative_coords_table")
 # The classifier, in our layout; the only tensors whose shape follows the class count.
 HEAD_KEYS = ("head.weight", "head.bias")
 

@@ -90,46 +90,38 @@ def shifted_window_mask(height: int, width: int, window_size: int, shift_size: i
     return torch.zeros(masked.shape).masked_fill(masked, MASK_VALUE)
 
 
-class WindowAttention(nn.Module):
-    """Multi-head self-attention inside windows, with a learned relative position bias.
+class WindowAttentionBase(nn.Module):
+    """Multi-head attention inside windows with an additive per-head position bias: the two computation paths
+    every attention family shares.
 
-    Args:
-        dim: channels.
-        window_size: side of the square window.
-        num_heads: attention heads.
-        qkv_bias: learn a bias for query, key and value.
-        qk_scale: logit scale; None means head_dim ** -0.5.
-        attn_drop, proj_drop: dropout rates.
-        attn_impl: "sdpa" (scaled_dot_product_attention, bias and mask folded into one additive mask),
-            "explicit" (softmax written out) or "auto": explicit when training on the CPU, else sdpa. On the
-            CPU, PyTorch's fused attention kernel has no gradient for an additive mask, so training falls back
-            to its generic path, which measured slower than the explicit one (README, Performance).
+    A subclass sets ``dim``, ``window_size``, ``num_heads``, ``scale`` (multiplies q k^T), ``attn_impl``,
+    ``attn_drop``, ``proj`` and ``proj_drop``, and implements :meth:`query_key_value` and
+    :meth:`relative_position_bias`.
+
+    ``attn_impl``: "sdpa" (scaled_dot_product_attention, bias and mask folded into one additive mask),
+    "explicit" (softmax written out) or "auto": explicit when training on the CPU, else sdpa. On the CPU,
+    PyTorch's fused attention kernel has no gradient for an additive mask, so training falls back to its
+    generic path, which measured slower than the explicit one (README, Performance).
     """
 
-    def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 attn_impl: str = "auto"):
-        super().__init__()
+    dim: int
+    window_size: int
+    num_heads: int
+    scale: float
+    attn_impl: str
+
+    @staticmethod
+    def check_attn_impl(attn_impl: str) -> None:
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {', '.join(ATTN_IMPLS)}; got {attn_impl!r}")
-        self.dim = dim
-        self.window_size = window_size
-        self.num_heads = num_heads
-        self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.attn_impl = attn_impl
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def query_key_value(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B * nW, N, C) -> q, k, v, each (B * nW, nH, N, head_dim); attention multiplies q k^T by ``self.scale``."""
+        raise NotImplementedError
 
     def relative_position_bias(self) -> torch.Tensor:
-        """(num_heads, N, N) bias gathered from the table."""
-        N = self.window_size ** 2
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
-        return bias.reshape(N, N, self.num_heads).permute(2, 0, 1)
+        """(num_heads, N, N) additive bias of the attention logits."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention within each window.
@@ -150,12 +142,6 @@ class WindowAttention(nn.Module):
             x = self._explicit(q, k, v, bias, mask)
         x = x.transpose(1, 2).reshape(BnW, N, C)
         return self.proj_drop(self.proj(x))
-
-    def query_key_value(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B * nW, N, C) -> q, k, v, each (B * nW, nH, N, head_dim); attention multiplies q k^T by ``self.scale``."""
-        BnW, N, C = x.shape
-        qkv = self.qkv(x).reshape(BnW, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)
 
     def _use_sdpa(self, x: torch.Tensor) -> bool:
         if self.attn_impl == "auto":
@@ -196,6 +182,51 @@ class WindowAttention(nn.Module):
         """Multiply-accumulates for one window of ``N`` tokens (reference convention)."""
         head_dim = self.dim // self.num_heads
         return (N * self.dim * 3 * self.dim + 2 * self.num_heads * N * head_dim * N + N * self.dim * self.dim)
+
+
+
+
+class WindowAttention(WindowAttentionBase):
+    """Multi-head self-attention inside windows, with a learned relative position bias.
+
+    Args:
+        dim: channels.
+        window_size: side of the square window.
+        num_heads: attention heads.
+        qkv_bias: learn a bias for query, key and value.
+        qk_scale: logit scale; None means head_dim ** -0.5.
+        attn_drop, proj_drop: dropout rates.
+        attn_impl: "auto", "sdpa" or "explicit" (see :class:`WindowAttentionBase`).
+    """
+
+    def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 attn_impl: str = "auto"):
+        super().__init__()
+        self.check_attn_impl(attn_impl)
+        self.dim = dim
+        self.window_size = window_size
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.attn_impl = attn_impl
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """(num_heads, N, N) bias gathered from the table."""
+        N = self.window_size ** 2
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        return bias.reshape(N, N, self.num_heads).permute(2, 0, 1)
+
+    def query_key_value(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        BnW, N, C = x.shape
+        qkv = self.qkv(x).reshape(BnW, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)
 
 
 class WindowBlock(nn.Module):
@@ -279,6 +310,19 @@ class WindowBlock(nn.Module):
             x = x[:, :H, :W, :].contiguous()
         return x
 
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pre-norm residual blocks (V1, Swin-MLP): norm -> window mixing -> residual, norm -> MLP -> residual.
+
+        Args:
+            x: (B, H, W, C).
+            mask: (nW, N, N) mask of the padded, shifted map (see :func:`shifted_window_mask`), or None.
+
+        Returns:
+            (B, H, W, C).
+        """
+        x = x + self.drop_path(self.window_mix(self.norm1(x), mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
     def mixing_flops(self, H: int, W: int) -> float:
         """Multiply-accumulates of the token mixing at map size H x W."""
         raise NotImplementedError
@@ -312,17 +356,6 @@ class SwinTransformerBlock(WindowBlock):
 
     def mix_tokens(self, windows: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         return self.attn(windows, mask)
-
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Args:
-            x: (B, H, W, C).
-            mask: (nW, N, N) mask of the padded, shifted map (see :func:`shifted_window_mask`), or None.
-
-        Returns:
-            (B, H, W, C).
-        """
-        x = x + self.drop_path(self.window_mix(self.norm1(x), mask))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def mixing_flops(self, H: int, W: int) -> float:
         return H * W / self.window_size / self.window_size * self.attn.flops(self.window_size ** 2)

@@ -252,7 +252,11 @@ def test_published_flops():
 
 
 def test_registry_rejects_unknown_type():
-    config = cfg_lib.load_config(None, opts=["MODEL.TYPE", "vit"])
+    with pytest.raises(cfg_lib.ConfigError, match="MODEL.TYPE must be one of swin.*'vit'"):
+        cfg_lib.load_config(None, opts=["MODEL.TYPE", "vit"])
+    config = cfg_lib.load_config(None)
+    config.defrost()
+    config.MODEL.TYPE = "vit"  # a config that skipped validation still meets the registry's own check
     with pytest.raises(ValueError, match="unknown MODEL.TYPE 'vit'.*swin"):
         build_model(config)
 

@@ -43,7 +43,7 @@ def assert_config_error(argv, data, capsys, message):
     ((), ["MODEL.SWIN.NUM_HEADS", "[2,4]"],
      r"MODEL\.SWIN\.DEPTHS \[2, 2, 2\] \(3 stages\) and MODEL\.SWIN\.NUM_HEADS \[2, 4\] \(2 entries\)"),
     ((), ["MODEL.SWIN.NUM_HEADS", "[2,4,7]"], r"MODEL\.SWIN\.NUM_HEADS\[2\] = 7 must divide .* = 256"),
-    ((), ["MODEL.TYPE", "vit"], r"MODEL\.TYPE must be one of swin; got 'vit'"),
+    ((), ["MODEL.TYPE", "vit"], r"MODEL\.TYPE must be one of swin, swin_mlp, swinv2; got 'vit'"),
     ((), ["DATA.IMG_SIZE", "3"], r"DATA\.IMG_SIZE 3 is too small: .*PATCH_SIZE 4 and 3 stages .* at least 16"),
     ((), ["DATA.IMG_SIZE", "15"], r"DATA\.IMG_SIZE 15 is too small"),
     ((), ["TRAIN.EPOCHS", "0"], r"TRAIN\.EPOCHS must be a positive number, got 0"),
