@@ -38,6 +38,9 @@ _C.DATA.ZIP_MODE = False  # read train.zip / val.zip with their map files
 _C.DATA.CACHE_MODE = "part"  # no | part | full (zip mode only)
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
+# SimMIM (TRAIN.OBJECTIVE simmim): the image is cut into MASK_PATCH_SIZE squares, MASK_RATIO of them masked
+_C.DATA.MASK_PATCH_SIZE = 32
+_C.DATA.MASK_RATIO = 0.6
 # Beyond the reference:
 _C.DATA.MAX_BAD_FRACTION = 0.01  # stop when more than this fraction of the images read are unreadable
 _C.DATA.PREPARE_DIGITS = False  # write the scikit-learn digits demo set into DATA_PATH if it is missing
@@ -99,6 +102,12 @@ _C.MODEL.SWIN_MLP.MLP_RATIO = 4.0
 _C.MODEL.SWIN_MLP.APE = False
 _C.MODEL.SWIN_MLP.PATCH_NORM = True
 
+# SimMIM pretraining (TRAIN.OBJECTIVE simmim): reconstruct locally normalised pixels instead of raw ones
+_C.MODEL.SIMMIM = CN()
+_C.MODEL.SIMMIM.NORM_TARGET = CN()
+_C.MODEL.SIMMIM.NORM_TARGET.ENABLE = False
+_C.MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE = 47  # odd side of the normalisation window
+
 # Beyond the reference:
 _C.MODEL.PRETRAINED_CLASS_MAP = ""  # text file: for each class of this model, the row of the pretrained head
 _C.MODEL.EMA = CN()
@@ -142,6 +151,10 @@ _C.TRAIN.SAVE_ITERS = 0  # also save every this many optimizer steps (0: only at
 _C.TRAIN.KEEP_CHECKPOINTS = 3  # newest checkpoints kept, plus the best
 _C.TRAIN.MAX_SKIPPED_STEPS = 20  # float16: stop after this many skipped (non-finite) steps in a row
 _C.TRAIN.COMPILE = False  # torch.compile the model before DDP wrapping
+# Beyond the reference:
+_C.TRAIN.FSDP = False  # shard parameters, gradients and optimizer states across processes (FSDP2); see fsdp.py
+# classification (labels) | simmim (masked image modelling, no labels; main_simmim_pt.py sets it), see objectives.py
+_C.TRAIN.OBJECTIVE = "classification"
 
 # -----------------------------------------------------------------------------
 # Augmentation
@@ -216,6 +229,7 @@ FLAG_TO_KEY = {
     "fused_layernorm": ("FUSED_LAYERNORM", True),
     "optim": ("TRAIN.OPTIMIZER.NAME", None),
     "compile": ("TRAIN.COMPILE", True),
+    "fsdp": ("TRAIN.FSDP", True),
     "local_rank": ("LOCAL_RANK", None),
 }
 
@@ -369,6 +383,7 @@ def _check(config: CN) -> None:
             raise ConfigError(f"{key} must be one of {', '.join(valid)}; got {value!r}")
     _check_swin(config)
     _check_schedule(config)
+    _check_objective(config)
 
 
 def _model_types() -> list:
@@ -433,6 +448,34 @@ def _check_schedule(config: CN) -> None:
         if steps[0] < config.TRAIN.WARMUP_EPOCHS:
             raise ConfigError(f"TRAIN.LR_SCHEDULER.MULTISTEPS {steps} starts inside the warmup: every milestone "
                               f"must be at least TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS})")
+
+
+# The training objectives (see objectives.py) and the model families SimMIM can pretrain.
+OBJECTIVES = ("classification", "simmim")
+SIMMIM_MODEL_TYPES = ("swin", "swinv2")
+
+
+def _check_objective(config: CN) -> None:
+    """TRAIN.OBJECTIVE, and for SimMIM a mask grid that fits the image and the model's patches."""
+    if config.TRAIN.OBJECTIVE not in OBJECTIVES:
+        raise ConfigError(f"TRAIN.OBJECTIVE must be one of {', '.join(OBJECTIVES)}; got {config.TRAIN.OBJECTIVE!r}")
+    if config.TRAIN.OBJECTIVE != "simmim":
+        return
+    if config.MODEL.TYPE not in SIMMIM_MODEL_TYPES:
+        raise ConfigError(f"SimMIM pretraining needs MODEL.TYPE {' or '.join(SIMMIM_MODEL_TYPES)}; got "
+                          f"{config.MODEL.TYPE!r}")
+    mask_patch, size = config.DATA.MASK_PATCH_SIZE, config.DATA.IMG_SIZE
+    patch = config.MODEL[MODEL_SECTIONS[config.MODEL.TYPE]].PATCH_SIZE
+    if mask_patch <= 0 or size % mask_patch or mask_patch % patch:
+        raise ConfigError(f"DATA.MASK_PATCH_SIZE {mask_patch} must divide DATA.IMG_SIZE {size} and be a multiple "
+                          f"of the model's PATCH_SIZE {patch}, e.g. --opts DATA.MASK_PATCH_SIZE {patch}")
+    if not 0.0 < config.DATA.MASK_RATIO < 1.0:
+        raise ConfigError(f"DATA.MASK_RATIO must be between 0 and 1 (the fraction of squares masked); got "
+                          f"{config.DATA.MASK_RATIO}")
+    norm = config.MODEL.SIMMIM.NORM_TARGET
+    if norm.ENABLE and (norm.PATCH_SIZE <= 1 or norm.PATCH_SIZE % 2 == 0):
+        raise ConfigError(f"MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE must be an odd number above 1 (a window centred on "
+                          f"each pixel); got {norm.PATCH_SIZE}")
 
 
 def finalize(config: CN, world_size: int = 1) -> CN:

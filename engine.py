@@ -6,7 +6,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data.datasets import unreadable_index
 from data.errors import DataError
+from fsdp import clip_grad_norm, gradient_sync_off, is_sharded
 from utils import all_reduce_max, all_reduce_sum, get_world_size, is_distributed
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,15 @@ class TrainParts:
     clip_grad: float = 0.0
     accumulation_steps: int = 1
     max_skipped_steps: int = 20
+    # What the batches are and how their loss is computed (objectives.py); None: classification with
+    # ``criterion`` and ``mixup_fn``.
+    objective: Optional[Any] = None
+
+    def __post_init__(self) -> None:
+        if self.objective is None:
+            from objectives import ClassificationObjective  # objectives.py calls back into this module's validate
+
+            self.objective = ClassificationObjective(self.criterion, self.mixup_fn)
 
 
 @dataclass
@@ -73,9 +83,12 @@ class EpochState:
 
 
 def _no_sync(model: nn.Module, skip: bool):
-    """DDP's no_sync on micro-steps whose gradients are only accumulated."""
+    """No gradient reduction on micro-steps whose gradients are only accumulated: DDP's no_sync, or FSDP's
+    gradient sync switched off."""
     if skip and isinstance(model, DistributedDataParallel):
         return model.no_sync()
+    if skip and is_sharded(model):
+        return gradient_sync_off(model)
     return contextlib.nullcontext()
 
 
@@ -88,7 +101,7 @@ def optimizer_step(parts: TrainParts, step_parameters: Iterable[torch.nn.Paramet
     if parts.scaler is not None:
         parts.scaler.unscale_(parts.optimizer)
     max_norm = parts.clip_grad if parts.clip_grad > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(step_parameters, max_norm)
+    grad_norm = clip_grad_norm(step_parameters, max_norm)  # sharded (FSDP) gradients too
     if parts.scaler is not None:
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
@@ -105,11 +118,10 @@ def micro_step(parts: TrainParts, images: torch.Tensor, targets: torch.Tensor, d
     Returns:
         The un-divided loss as a 0-d tensor.
     """
-    if parts.mixup_fn is not None:
-        images, targets = parts.mixup_fn(images, targets)
+    images, targets = parts.objective.prepare(images, targets)
     with _no_sync(parts.model, not sync):
         with precision.autocast(device):
-            loss = parts.criterion(parts.model(images), targets)
+            loss = parts.objective.loss(parts.model, images, targets)
         scaled = loss / loss_divisor
         if parts.scaler is not None:
             scaled = parts.scaler.scale(scaled)
@@ -168,8 +180,7 @@ def train_one_epoch(parts: TrainParts, data_loader: Iterable, state: EpochState,
     start = window_start = time.time()
     parts.optimizer.zero_grad(set_to_none=True)
     for index, (images, targets) in enumerate(data_loader, start=batches_done):
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        images, targets = parts.objective.to_device(images, targets, device)
         group_start = (index // accum) * accum
         group_size = min(accum, total_batches - group_start)
         last_of_group = index == group_start + group_size - 1
@@ -177,7 +188,7 @@ def train_one_epoch(parts: TrainParts, data_loader: Iterable, state: EpochState,
         loss_sum += loss
         epoch_loss_sum += loss
         loss_count += 1
-        images_seen += images.shape[0]
+        images_seen += parts.objective.batch_size(images)
         if not precision.needs_scaler:
             health.record_loss(loss)
         if not last_of_group:
@@ -384,11 +395,11 @@ def throughput(parts: TrainParts, images: torch.Tensor, targets: torch.Tensor, d
     schedule and EMA. The model and optimizer are changed by it: call it on a throwaway copy.
     """
     model = parts.model
-    batch = images.shape[0]
+    batch = parts.objective.batch_size(images)
 
     def infer() -> None:
         with torch.no_grad(), precision.autocast(device):
-            model(images)
+            parts.objective.infer(model, images)
 
     model.eval()
     if device.type == "cuda":

@@ -21,7 +21,8 @@ from yacs.config import CfgNode
 
 import config as cfg_lib
 from config import ConfigError
-from engine import EpochState, NonFiniteLossError, Precision, TrainParts, throughput, train_one_epoch, validate
+from engine import EpochState, NonFiniteLossError, Precision, TrainParts, throughput, train_one_epoch
+from objectives import build_objective
 from logger import setup_logging
 from lr_scheduler import build_scheduler
 from models import build_model
@@ -59,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fused_layernorm", action="store_true", help="accepted; LayerNorm is already fused")
     parser.add_argument("--optim", help="optimizer name (adamw, sgd)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--fsdp", action="store_true", help="shard the model across processes (FSDP2)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help="set by old launchers; read from env")
     return parser.parse_args(argv)
 
@@ -84,6 +86,11 @@ def prepare_model(config: CfgNode, device: torch.device):
                 sum(p.numel() for p in model.parameters()) / 1e6, model.flops() / 1e9, config.DATA.IMG_SIZE)
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
         load_pretrained(config, model)
+    if config.TRAIN.FSDP and get_world_size() > 1:
+        from fsdp import prepare_sharded
+        return prepare_sharded(config, model, device)
+    if config.TRAIN.FSDP:
+        logger.info("TRAIN.FSDP with one process: nothing to shard; the plain model trains, checkpoints are sharded")
     model.to(device)
     train_model = torch.compile(model) if config.TRAIN.COMPILE else model
     if get_world_size() > 1:
@@ -101,8 +108,14 @@ def run_throughput(config: CfgNode, device: torch.device) -> None:
     optimizer = build_optimizer(config, model, device)
     precision = build_precision(config)
     batch = config.DATA.BATCH_SIZE
-    images = torch.randn(batch, config.MODEL.SWIN.IN_CHANS, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
+    embedding = model.encoder.patch_embed if config.TRAIN.OBJECTIVE == "simmim" else model.patch_embed
+    images = torch.randn(batch, embedding.in_chans, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
     targets = torch.randint(0, config.MODEL.NUM_CLASSES, (batch,), device=device)
+    if config.TRAIN.OBJECTIVE == "simmim":
+        from data.masking import build_mask_generator
+
+        generator = build_mask_generator(config)
+        images = (images, torch.stack([generator() for _ in range(batch)]).to(device))
     parts = TrainParts(model=train_model, criterion=build_criterion(config, mixup=False), optimizer=optimizer,
                        lr_scheduler=build_scheduler(config, optimizer, 1000),
                        scaler=torch.amp.GradScaler(device.type) if precision.needs_scaler else None,
@@ -165,10 +178,12 @@ def evaluate_only(config: CfgNode, model: nn.Module, loaders, device: torch.devi
         logger.warning("evaluating randomly initialised weights: give --resume or --pretrained")
     else:
         logger.info("evaluating %s", weights)
-    metrics = validate(model, loaders.val_loader, device, build_precision(config, evaluation=True),
-                       len(loaders.val_dataset), config.PRINT_FREQ)
-    logger.info("accuracy of the network on the %d test images: acc@1 %.3f%% acc@5 %.3f%% loss %.4f",
-                metrics["count"], metrics["acc1"], metrics["acc5"], metrics["loss"])
+    objective = build_objective(config)
+    metrics = objective.validate(model, loaders.val_loader, device, build_precision(config, evaluation=True),
+                                 len(loaders.val_dataset), config.PRINT_FREQ)
+    if objective.name == "classification":
+        logger.info("accuracy of the network on the %d test images: acc@1 %.3f%% acc@5 %.3f%% loss %.4f",
+                    metrics["count"], metrics["acc1"], metrics["acc5"], metrics["loss"])
     if is_main_process():
         with open(os.path.join(config.OUTPUT, "eval.json"), "w") as f:
             json.dump(metrics, f, indent=1)
@@ -184,13 +199,17 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
     updates_per_epoch = math.ceil(batches_per_epoch / accum)
     lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch)
     precision = build_precision(config)
-    parts = TrainParts(model=train_model, criterion=build_criterion(config, loaders.mixup_fn is not None),
+    criterion = build_criterion(config, loaders.mixup_fn is not None)
+    objective = build_objective(config, criterion, loaders.mixup_fn)
+    parts = TrainParts(model=train_model, criterion=criterion, objective=objective,
                        optimizer=optimizer, lr_scheduler=lr_scheduler,
                        scaler=torch.amp.GradScaler(device.type) if precision.needs_scaler else None,
                        model_ema=model_ema, mixup_fn=loaders.mixup_fn, clip_grad=config.TRAIN.CLIP_GRAD,
                        accumulation_steps=accum, max_skipped_steps=config.TRAIN.MAX_SKIPPED_STEPS)
     state, resumed_from = resume_training(config, model, optimizer, lr_scheduler, parts.scaler, model_ema,
                                           updates_per_epoch, batches_per_epoch)
+    if resumed_from is None and not objective.higher_is_better:
+        state.max_accuracy = -math.inf  # a best loss is kept negated; any first validation is the best so far
     if resumed_from is not None and state.epoch >= config.TRAIN.EPOCHS:
         logger.info("already finished at epoch %d (checkpoint %s); nothing to do. To train longer, raise "
                     "TRAIN.EPOCHS (now %d); for a new run, give --tag NEW_NAME", state.epoch, resumed_from,
@@ -247,22 +266,25 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
                 advice = ("No checkpoint was saved yet: rerun (with the changes above) to start again from the "
                           "beginning.")
             raise NonFiniteLossError(f"{error} {advice}") from error
-        metrics = validate(model, loaders.val_loader, device, eval_precision, len(loaders.val_dataset))
-        is_best = metrics["acc1"] > state.max_accuracy
-        state.max_accuracy = max(state.max_accuracy, metrics["acc1"])
+        metrics = objective.validate(model, loaders.val_loader, device, eval_precision, len(loaders.val_dataset))
+        # The best figure is kept as "max accuracy"; for SimMIM it is minus the reconstruction loss.
+        score = objective.score(metrics)
+        is_best = score > state.max_accuracy
+        state.max_accuracy = max(state.max_accuracy, score)
         last = epoch == config.TRAIN.EPOCHS - 1
         stopping = not last and stop.stop_now()
         if epoch % config.SAVE_FREQ == 0 or last or is_best or stopping:
-            save(state, complete=True, acc1=metrics["acc1"], is_best=is_best)
+            save(state, complete=True, acc1=metrics.get("acc1"), is_best=is_best)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_metrics.items()},
-                  **{f"val_{k}": v for k, v in metrics.items()}, "max_acc1": state.max_accuracy}
+                  **{f"val_{k}": v for k, v in metrics.items()},
+                  **({"max_acc1": state.max_accuracy} if objective.higher_is_better
+                     else {"best_loss": -state.max_accuracy})}
         if model_ema is not None:
-            ema_metrics = validate(model_ema.module, loaders.val_loader, device, eval_precision,
-                                   len(loaders.val_dataset))
+            ema_metrics = objective.validate(model_ema.module, loaders.val_loader, device, eval_precision,
+                                             len(loaders.val_dataset))
             record.update({f"ema_{k}": v for k, v in ema_metrics.items()})
-        logger.info("accuracy of the network on the %d test images: %.2f%%; max accuracy %.2f%%",
-                    metrics["count"], metrics["acc1"], state.max_accuracy)
-        for key in ("acc1", "acc5", "loss"):
+        logger.info("%s", objective.summary(metrics, state.max_accuracy))
+        for key in [k for k in ("acc1", "acc5", "loss") if k in metrics]:
             log_scalar(f"val/{key}", metrics[key], (epoch + 1) * updates_per_epoch)
         if is_main_process():
             with open(os.path.join(config.OUTPUT, "metrics.jsonl"), "a") as f:
