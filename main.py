@@ -252,7 +252,7 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
             save(current, complete=False)
             if stop.agreed:
                 raise stop.stopped(f"epoch {current.epoch} update {current.update} of {updates_per_epoch}",
-                                   os.path.join(config.OUTPUT, checkpoint_name(current.epoch, current.update, False)))
+                                   os.path.join(config.OUTPUT, checkpoint_name(current.epoch, current.update, False, config.TRAIN.FSDP)))
 
         try:
             train_metrics = train_one_epoch(parts, loaders.train_loader, state, device, precision, config.PRINT_FREQ,
@@ -291,7 +291,7 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
                 f.write(json.dumps(record) + "\n")
         if stopping:
             raise stop.stopped(f"the end of epoch {epoch}",
-                               os.path.join(config.OUTPUT, checkpoint_name(epoch, updates_per_epoch, True)))
+                               os.path.join(config.OUTPUT, checkpoint_name(epoch, updates_per_epoch, True, config.TRAIN.FSDP)))
     if writer is not None:
         writer.close()
     logger.info("training time %s", time.strftime("%H:%M:%S", time.gmtime(time.time() - start)))

@@ -2,7 +2,7 @@
 import logging
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -99,15 +99,27 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, eval_only:
     """
     if config.DATA.PREPARE_DIGITS:
         _prepare_digits_once(config.DATA.DATA_PATH)
-    shuffle_val = config.TEST.SHUFFLE and not config.TEST.SEQUENTIAL
+    if config.TRAIN.OBJECTIVE == "simmim":
+        from data.simmim import build_simmim_loader  # data.simmim builds on this module
+
+        return build_simmim_loader(config, rank, world_size, eval_only)
     if eval_only:
         val_dataset = build_dataset(False, config, rank, world_size)
-        val_sampler = ShardedEvalSampler(len(val_dataset), rank, world_size, shuffle_val, config.SEED)
-        val_loader = _data_loader(val_dataset, val_sampler, config, drop_last=False)
+        val_loader = _val_loader(val_dataset, config, rank, world_size)
         return Loaders(None, val_dataset, None, val_loader, None, None, val_dataset.class_names)
 
     mixup_fn = build_mixup(config)
     train_dataset = build_dataset(True, config, rank, world_size)
+    train_loader, train_sampler = _train_loader(train_dataset, config, rank, world_size)
+    val_dataset = build_dataset(False, config, rank, world_size)
+    val_loader = _val_loader(val_dataset, config, rank, world_size)
+    return Loaders(train_dataset, val_dataset, train_loader, val_loader, train_sampler, mixup_fn,
+                   train_dataset.class_names)
+
+
+def _train_loader(train_dataset: ImageDataset, config: CfgNode, rank: int,
+                  world_size: int) -> Tuple[DataLoader, ResumableSampler]:
+    """The training loader (full batches, resumable order, per-sample augmentation seeds) and its sampler."""
     train_sampler: ResumableSampler
     if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == "part":
         train_sampler = ShardTrainSampler(len(train_dataset), rank, world_size, config.SEED)
@@ -121,13 +133,17 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, eval_only:
     seeded = SeededSampler(train_sampler, seed=config.SEED * 1000 + rank)
     generator = torch.Generator()
     generator.manual_seed(config.SEED + rank)  # the loader's own draws leave the global stream alone
-    train_loader = _data_loader(train_dataset, seeded, config, drop_last=True, generator=generator)
+    return _data_loader(train_dataset, seeded, config, drop_last=True, generator=generator), train_sampler
 
-    val_dataset = build_dataset(False, config, rank, world_size)
-    val_sampler = ShardedEvalSampler(len(val_dataset), rank, world_size, shuffle_val, config.SEED)
-    val_loader = _data_loader(val_dataset, val_sampler, config, drop_last=False)
-    return Loaders(train_dataset, val_dataset, train_loader, val_loader, train_sampler, mixup_fn,
-                   train_dataset.class_names)
+
+def _val_sampler(val_dataset: ImageDataset, config: CfgNode, rank: int, world_size: int) -> ShardedEvalSampler:
+    """This rank's shard of the validation set, every image exactly once over all ranks."""
+    shuffle_val = config.TEST.SHUFFLE and not config.TEST.SEQUENTIAL
+    return ShardedEvalSampler(len(val_dataset), rank, world_size, shuffle_val, config.SEED)
+
+
+def _val_loader(val_dataset: ImageDataset, config: CfgNode, rank: int, world_size: int) -> DataLoader:
+    return _data_loader(val_dataset, _val_sampler(val_dataset, config, rank, world_size), config, drop_last=False)
 
 
 def _data_loader(dataset: ImageDataset, sampler: Sampler, config: CfgNode, drop_last: bool,

@@ -5,6 +5,7 @@ from typing import Callable, Dict
 from torch import nn
 from yacs.config import CfgNode
 
+from models.simmim import build_simmim
 from models.swin_mlp import SwinMLP
 from models.swin_transformer import SwinTransformer
 from models.swin_transformer_v2 import SwinTransformerV2
@@ -25,10 +26,13 @@ def register_model(model_type: str) -> Callable:
 
 
 def build_model(config: CfgNode) -> nn.Module:
-    """The model named by ``config.MODEL.TYPE``, randomly initialised."""
+    """The model named by ``config.MODEL.TYPE``, randomly initialised; with ``TRAIN.OBJECTIVE simmim``, the SimMIM
+    model on that family's encoder (``forward(images, mask)`` returns the loss)."""
     model_type = config.MODEL.TYPE
     if model_type not in _BUILDERS:
         raise ValueError(f"unknown MODEL.TYPE {model_type!r}; registered types: {', '.join(sorted(_BUILDERS))}")
+    if config.TRAIN.OBJECTIVE == "simmim":
+        return build_simmim(config, _BUILDERS[model_type])
     return _BUILDERS[model_type](config)
 
 

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.simmim import is_simmim_state_dict, simmim_to_encoder
+
 logger = logging.getLogger(__name__)
 
 # Buffers that released checkpoints carry but that are derived from shapes, not learned.
@@ -25,14 +27,19 @@ class LoadReport:
     resized: List[str] = field(default_factory=list)
     class_mapped: List[str] = field(default_factory=list)  # head tensors whose rows a class map selected
     reinitialised: List[str] = field(default_factory=list)  # a new head, set to zeros as the reference does
+    simmim_dropped: List[str] = field(default_factory=list)  # a SimMIM checkpoint's decoder and mask token
 
     def summary(self) -> str:
         parts = [f"{len(self.loaded)} tensors loaded"]
-        for name in ("resized", "class_mapped", "reinitialised", "dropped_derived", "missing", "unexpected"):
+        if self.simmim_dropped:
+            parts.insert(0, "SimMIM pretraining checkpoint: its encoder taken (prefix encoder. removed)")
+        for name in ("resized", "class_mapped", "reinitialised", "dropped_derived", "simmim_dropped", "missing",
+                     "unexpected"):
             keys = getattr(self, name)
             if keys:
                 shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-                label = "new head initialised to zeros" if name == "reinitialised" else name.replace("_", " ")
+                label = {"reinitialised": "new head initialised to zeros",
+                         "simmim_dropped": "dropped (pretraining only)"}.get(name, name.replace("_", " "))
                 parts.append(f"{label}: {shown}")
         return "; ".join(parts)
 
@@ -148,7 +155,8 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module,
                      class_map: Optional[List[int]] = None) -> Tuple[Dict[str, torch.Tensor], LoadReport]:
     """Fits a pretrained Swin state dict to ``model`` for fine-tuning.
 
-    Derived buffers are dropped; relative position bias tables and the absolute position embedding
+    A SimMIM pretraining state dict (``encoder.*``, ``decoder.*``) gives its encoder (see
+    :func:`models.simmim.simmim_to_encoder`). Derived buffers are dropped; relative position bias tables and the absolute position embedding
     are resized bicubically to the model's windows and resolution. With ``class_map`` (one pretrained
     row per class of the model) the head takes those rows, whatever the two class counts are. Without
     it, a head of another size, or no head in the checkpoint, gives a new head initialised to zeros (as the
@@ -160,9 +168,12 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module,
     """
     if is_timm_layout(state_dict):
         state_dict = timm_to_ours(state_dict)
-    state_dict, dropped = drop_derived_buffers(state_dict)
     own = model.state_dict()
-    report = LoadReport(dropped_derived=dropped)
+    simmim_dropped: List[str] = []
+    if is_simmim_state_dict(state_dict) and not is_simmim_state_dict(own):
+        state_dict, simmim_dropped = simmim_to_encoder(state_dict)
+    state_dict, dropped = drop_derived_buffers(state_dict)
+    report = LoadReport(dropped_derived=dropped, simmim_dropped=simmim_dropped)
     adapted: Dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key not in own:

@@ -1,0 +1,156 @@
+"""Data for SimMIM pretraining: any folder of images (labels ignored), or the zip layout.
+
+Where the images are, for DATA.DATA_PATH:
+
+- ``--zip``: ``train.zip`` + ``train_map.txt`` (and ``val.zip`` + ``val_map.txt`` if present); labels unused.
+- a folder with ``train/`` (and optionally ``val/``): the images anywhere below each of them;
+- any other folder (the reference's pretraining passes ``imagenet/train`` itself): every image below it,
+  in class folders or not.
+
+Without a validation split, "validation" measures the reconstruction loss on up to
+:data:`MAX_VAL_FROM_TRAIN` training images, evenly spaced through them, with the evaluation transform.
+Validation masks are drawn per image from a fixed seed, so every evaluation of a run masks the same squares.
+Items are ``((image, mask), label)``; the label is the class folder's index, or 0, and only marks unreadable
+images (negative) in validation.
+"""
+import logging
+import os
+from typing import BinaryIO, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+from torch.utils.data import Sampler
+from yacs.config import CfgNode
+
+from data.build import Loaders, _data_loader, _train_loader, _val_sampler
+from data.datasets import ImageDataset, Transform, ZipDataset
+from data.errors import DataError
+from data.layout import ZIP_LAYOUT, _folder_id, _images_under, read_map_file
+from data.masking import build_simmim_transform
+
+logger = logging.getLogger(__name__)
+
+# Without a validation split, at most this many training images (evenly spaced) are used to validate.
+MAX_VAL_FROM_TRAIN = 1000
+# Validation mask seeds: this plus the image index (another range than the training seeds').
+VAL_MASK_SEED = 10 ** 9
+
+PRETRAIN_LAYOUT = """
+    DATA_PATH/<any folders>/<image>     every image below DATA_PATH, labels (folders) ignored, or
+    DATA_PATH/train/..., DATA_PATH/val/...   the class-folder layout (val/ optional), or
+    --zip: DATA_PATH/train.zip with train_map.txt (val.zip, val_map.txt optional)"""
+
+
+class UnlabelledImageFolder(ImageDataset):
+    """Every image below ``root`` (sorted; links followed, each real folder once), all with label 0."""
+
+    def __init__(self, root: str, transform: Optional[Transform] = None, max_bad_fraction: float = 0.01):
+        self.root = root
+        self._paths = _images_under(root, {_folder_id(root)})
+        if not self._paths:
+            raise DataError(f"no image found below {root}.\nExpected layout for pretraining:{PRETRAIN_LAYOUT}")
+        super().__init__(np.zeros(len(self._paths), dtype=np.int64), ["image"], transform, max_bad_fraction)
+
+    def describe(self) -> str:
+        return self.root
+
+    def image_path(self, index: int) -> str:
+        return os.path.join(self.root, self._paths[index])
+
+    def open_image(self, index: int) -> BinaryIO:
+        return open(self.image_path(index), "rb")
+
+
+class ImageSubset(ImageDataset):
+    """Some images of another dataset (read through it), with their own transform."""
+
+    def __init__(self, base: ImageDataset, indices: Sequence[int], transform: Optional[Transform]):
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        super().__init__(base.labels[self.indices], base.class_names, transform, base.max_bad_fraction)
+
+    def describe(self) -> str:
+        return f"{len(self.indices)} of the images of {self.base.describe()}"
+
+    def image_path(self, index: int) -> str:
+        return self.base.image_path(int(self.indices[index]))
+
+    def open_image(self, index: int) -> BinaryIO:
+        return self.base.open_image(int(self.indices[index]))
+
+
+class FixedSeedSampler(Sampler[Tuple[int, int]]):
+    """Gives each index of ``sampler`` with the seed ``seed + index``: an image's random draws (its mask) are the
+    same in every evaluation, whatever the shard or batch it falls in."""
+
+    def __init__(self, sampler: Sampler[int], seed: int):
+        self.sampler = sampler
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        return ((index, self.seed + index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def _zip_split(config: CfgNode, split: str, transform: Transform, rank: int, world_size: int) -> Optional[ZipDataset]:
+    data_path = config.DATA.DATA_PATH
+    zip_path, map_path = os.path.join(data_path, f"{split}.zip"), os.path.join(data_path, f"{split}_map.txt")
+    if not os.path.isfile(zip_path):
+        if split == "val":
+            return None
+        raise DataError(f"{zip_path} not found.\nExpected zip layout:{ZIP_LAYOUT}")
+    names, labels = read_map_file(map_path)
+    cache_indices = {"full": np.arange(len(names)), "part": np.arange(rank, len(names), world_size)}.get(
+        config.DATA.CACHE_MODE)
+    return ZipDataset(zip_path, names, np.zeros_like(labels), ["image"], transform, config.DATA.MAX_BAD_FRACTION,
+                      cache_indices)
+
+
+def _folder_split(config: CfgNode, split: str, transform: Transform) -> Optional[UnlabelledImageFolder]:
+    data_path = config.DATA.DATA_PATH
+    train_dir = os.path.join(data_path, "train")
+    if not os.path.isdir(train_dir):  # the folder itself is the training set (the reference's pretraining)
+        return UnlabelledImageFolder(data_path, transform, config.DATA.MAX_BAD_FRACTION) if split == "train" else None
+    split_dir = os.path.join(data_path, split)
+    if not os.path.isdir(split_dir):
+        return None
+    return UnlabelledImageFolder(split_dir, transform, config.DATA.MAX_BAD_FRACTION)
+
+
+def build_simmim_datasets(config: CfgNode, rank: int = 0,
+                          world_size: int = 1) -> Tuple[ImageDataset, ImageDataset]:
+    """The pretraining images and the validation images (see the module docstring), with their transforms."""
+    data_path = config.DATA.DATA_PATH
+    if not data_path or not os.path.isdir(data_path):
+        raise DataError(f"DATA.DATA_PATH {data_path!r} is not a folder. Set it with --data-path DIR."
+                        f"\nExpected layout for pretraining:{PRETRAIN_LAYOUT}")
+    train_transform = build_simmim_transform(True, config)
+    eval_transform = build_simmim_transform(False, config)
+    if config.DATA.ZIP_MODE:
+        train = _zip_split(config, "train", train_transform, rank, world_size)
+        val = _zip_split(config, "val", eval_transform, rank, world_size)
+    else:
+        train = _folder_split(config, "train", train_transform)
+        val = _folder_split(config, "val", eval_transform)
+    if val is None:
+        count = min(len(train), MAX_VAL_FROM_TRAIN)
+        indices = np.linspace(0, len(train) - 1, count).round().astype(np.int64)
+        val = ImageSubset(train, indices, eval_transform)
+        logger.info("no validation split: the reconstruction loss is measured on %d training images", count)
+    val.replace_unreadable = False  # evaluation leaves unreadable images out, as for classification
+    logger.info("pretraining data: %d images from %s (labels unused); validation: %d images from %s", len(train),
+                train.describe(), len(val), val.describe())
+    return train, val
+
+
+def build_simmim_loader(config: CfgNode, rank: int = 0, world_size: int = 1, eval_only: bool = False) -> Loaders:
+    """:class:`Loaders` for SimMIM: batches are ``([images (B, 3, S, S), masks (B, S/p, S/p)], labels)``."""
+    train, val = build_simmim_datasets(config, rank, world_size)
+    val_loader = _data_loader(val, FixedSeedSampler(_val_sampler(val, config, rank, world_size), VAL_MASK_SEED),
+                              config, drop_last=False)
+    if eval_only:
+        return Loaders(None, val, None, val_loader, None, None, [])
+    train_loader, train_sampler = _train_loader(train, config, rank, world_size)
+    return Loaders(train, val, train_loader, val_loader, train_sampler, None, [])
+

@@ -1,0 +1,11 @@
+"""Fine-tuning from SimMIM, the reference's entry point: ``python main_simmim_ft.py --cfg FILE --pretrained CKPT``.
+
+It is :mod:`main`: ``--pretrained`` takes a SimMIM pretraining checkpoint (its encoder, see
+``checkpoint.load_pretrained``), and the fine-tuning configs set ``TRAIN.LAYER_DECAY``.
+"""
+import sys
+
+import main
+
+if __name__ == "__main__":
+    sys.exit(main.cli())
