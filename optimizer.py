@@ -33,6 +33,14 @@ def swin_layer_id(name: str, depths: Sequence[int]) -> int:
     return total + 1
 
 
+def model_depths(model: nn.Module) -> List[int]:
+    """Blocks per stage of any Swin family (V1, V2, MLP), read from the model itself; () for other models."""
+    layers = getattr(model, "layers", None)
+    if layers is None or not all(hasattr(layer, "blocks") for layer in layers):
+        return []
+    return [len(layer.blocks) for layer in layers]
+
+
 def parameter_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
                      depths: Sequence[int] = ()) -> List[Dict]:
     """Splits parameters into decay / no-decay groups, per layer when ``layer_decay`` < 1.
@@ -62,7 +70,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, layer_decay: float =
 def build_optimizer(config: CfgNode, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """AdamW or SGD over :func:`parameter_groups`; AdamW is the fused kernel on CUDA."""
     opt = config.TRAIN.OPTIMIZER
-    depths = config.MODEL.SWIN.DEPTHS if config.MODEL.TYPE == "swin" else ()
+    depths = model_depths(model)
     groups = parameter_groups(model, config.TRAIN.WEIGHT_DECAY, config.TRAIN.LAYER_DECAY, depths)
     for group in groups:
         del group["names"]

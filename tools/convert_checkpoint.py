@@ -8,8 +8,8 @@ weights are taken; optimizer and schedule state are left out), a plain state dic
 is read with torch.load(weights_only=True), so a file that needs code to unpickle is refused. The two layouts
 differ in two names: patch merging is ``layers.{i}.downsample`` (end of stage i) here and
 ``layers.{i+1}.downsample`` (start of the next stage) in timm, and the classifier is ``head`` here and
-``head.fc`` in timm. The derived buffers that released files carry (``relative_position_index``,
-``attn_mask``) are dropped. ``--to ours`` writes {"model": state dict} like the released files; ``--to timm``
+``head.fc`` in timm. Swin V2 (timm's ``swinv2_*`` models) converts the same way. The derived buffers that
+released files carry (``relative_position_index``, ``attn_mask``, V2's ``relative_coords_table``) are dropped. ``--to ours`` writes {"model": state dict} like the released files; ``--to timm``
 writes a plain state dict, which timm's ``load_checkpoint`` and ``create_model(pretrained_cfg_overlay=...)``
 read. The output is written atomically: a crash leaves the old file or the new one, never half of one.
 """
@@ -72,7 +72,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if left_out:
         print(f"  took the model weights; left out the other entries: {', '.join(left_out)}")
     if derived:
-        print(f"  dropped {len(derived)} derived buffers (relative_position_index, attn_mask)")
+        names = sorted({key.rsplit(".", 1)[-1] for key in derived})
+        print(f"  dropped {len(derived)} derived buffers ({', '.join(names)})")
     if source == args.to:
         print(f"  already in {args.to} layout: no key renamed")
     else:
