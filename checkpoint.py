@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -10,7 +11,8 @@ import torch
 import yaml
 
 from engine import EpochState
-from utils import gather_rng_states, get_rank, get_world_size, is_main_process, set_rng_state
+from fsdp import is_sharded, load_full_state_dict
+from utils import barrier, gather_rng_states, get_rank, get_world_size, is_main_process, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
     Raises:
         CheckpointError: missing, truncated or corrupt file, or a pickle that would run code.
     """
+    if os.path.isdir(path) and is_sharded_checkpoint(path):
+        return load_sharded_state(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -101,9 +105,11 @@ def read_manifest(output_dir: str) -> List[Dict[str, Any]]:
         return []
 
 
-def checkpoint_name(epoch: int, step: int, complete: bool) -> str:
-    """Reference name ``ckpt_epoch_{epoch}.pth`` at epoch ends; mid-epoch saves add the step."""
-    return f"ckpt_epoch_{epoch}.pth" if complete else f"ckpt_epoch_{epoch}_step_{step}.pth"
+def checkpoint_name(epoch: int, step: int, complete: bool, sharded: bool = False) -> str:
+    """Reference name ``ckpt_epoch_{epoch}.pth`` at epoch ends; mid-epoch saves add the step. A sharded
+    checkpoint (``TRAIN.FSDP``) is a folder of the same name without ``.pth``."""
+    name = f"ckpt_epoch_{epoch}" if complete else f"ckpt_epoch_{epoch}_step_{step}"
+    return name if sharded else name + ".pth"
 
 
 def save_checkpoint(state: Dict[str, Any], output_dir: str, epoch: int, step: int, complete: bool,
@@ -120,6 +126,14 @@ def save_checkpoint(state: Dict[str, Any], output_dir: str, epoch: int, step: in
     atomic_torch_save(state, path)
     if is_best:
         atomic_torch_save(state, os.path.join(output_dir, "ckpt_best.pth"))
+    _record_checkpoint(output_dir, name, epoch, step, complete, keep, acc1)
+    logger.info("saved %s", path)
+    return path
+
+
+def _record_checkpoint(output_dir: str, name: str, epoch: int, step: int, complete: bool, keep: int,
+                       acc1: Optional[float]) -> None:
+    """Lists a written checkpoint (file or sharded folder) in the manifest and removes those past retention."""
     entries = [e for e in read_manifest(output_dir) if e["file"] != name]
     entries.append({"file": name, "epoch": epoch, "step": step, "complete": complete, "acc1": acc1})
     stale = entries[:-keep] if keep > 0 else []
@@ -127,10 +141,10 @@ def save_checkpoint(state: Dict[str, Any], output_dir: str, epoch: int, step: in
     _atomic_write_text(json.dumps({"checkpoints": entries}, indent=1), os.path.join(output_dir, MANIFEST))
     for entry in stale:
         stale_path = os.path.join(output_dir, entry["file"])
-        if os.path.exists(stale_path):
+        if os.path.isdir(stale_path):
+            shutil.rmtree(stale_path, ignore_errors=True)
+        elif os.path.exists(stale_path):
             os.remove(stale_path)
-    logger.info("saved %s", path)
-    return path
 
 
 def resume_candidates(output_dir: str) -> List[str]:
@@ -141,7 +155,8 @@ def resume_candidates(output_dir: str) -> List[str]:
     if not os.path.isdir(output_dir):
         return []
     files = [os.path.join(output_dir, f) for f in os.listdir(output_dir)
-             if f.startswith("ckpt_") and f.endswith(".pth") and f != "ckpt_best.pth"]
+             if f.startswith("ckpt_") and f != "ckpt_best.pth"
+             and (f.endswith(".pth") or is_sharded_checkpoint(os.path.join(output_dir, f)))]
     return sorted(files, key=os.path.getmtime, reverse=True)
 
 
@@ -196,6 +211,9 @@ def load_pretrained(config, model: torch.nn.Module) -> None:
 
     path = config.MODEL.PRETRAINED
     checkpoint = load_checkpoint_file(path)
+    if checkpoint.get("sharded_dir"):
+        path = os.path.join(path, RELEASED_MODEL)  # written at epoch ends; else tools/export_fsdp_checkpoint.py
+        checkpoint = load_checkpoint_file(path)
     try:
         state_dict = extract_state_dict(checkpoint)
     except CheckpointError as error:
@@ -277,7 +295,7 @@ def locate_checkpoint(config) -> Optional[Tuple[str, Dict[str, Any]]]:
         CheckpointError: ``MODEL.RESUME`` is missing or unreadable, or a folder holding no readable checkpoint.
     """
     path = config.MODEL.RESUME
-    if path and os.path.isdir(path):
+    if path and os.path.isdir(path) and not is_sharded_checkpoint(path):
         found = find_resumable(path)
         if found is None:
             raise CheckpointError(f"--resume {path} is a folder, and it holds no readable checkpoint "
@@ -298,11 +316,14 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Dict[str, Any], path:
     Raises:
         CheckpointError: no weights in the file, or weights of another architecture.
     """
-    from models.state_dict import is_timm_layout, load_state_dict_checked, timm_to_ours
+    from models.state_dict import drop_derived_buffers, is_timm_layout, load_state_dict_checked, timm_to_ours
 
     for key, (old, new) in config_changes(checkpoint.get("config"), config).items():
         if _is_architecture_key(key) and old is not None:
             raise _cannot_continue(path, config, key, old, new, "its weights do not fit this model")
+    if checkpoint.get("sharded_dir"):
+        load_sharded_weights(model, checkpoint["sharded_dir"], "model")
+        return
     try:
         state_dict = extract_state_dict(checkpoint)
     except CheckpointError as error:
@@ -310,6 +331,9 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Dict[str, Any], path:
     if is_timm_layout(state_dict):
         state_dict = timm_to_ours(state_dict)
     try:
+        if is_sharded(model):
+            load_full_state_dict(model, drop_derived_buffers(state_dict)[0])
+            return
         load_state_dict_checked(model, state_dict, source=path)
     except ValueError as error:
         raise CheckpointError(f"{error}; to fine-tune from these weights instead, use --pretrained {path}") \
@@ -363,7 +387,7 @@ def _checkpoint_images(checkpoint: Dict[str, Any], saved: Dict[str, Any]) -> int
 
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: Dict[str, Any], path: str, config,
-                       changes: Dict[str, Tuple[Any, Any]]) -> None:
+                       changes: Dict[str, Tuple[Any, Any]], model: Optional[torch.nn.Module] = None) -> None:
     """Loads the optimizer's per-parameter state and keeps the hyperparameters of the current config."""
     for key in OPTIMIZER_KEYS[:1]:
         if key in changes and changes[key][0] is not None:
@@ -382,7 +406,12 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: Dict[str, Any], 
     # load_state_dict would also bring back the saved learning rates, weight decay, betas and layer scales;
     # the current config decides those, so they are put back afterwards.
     current = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved)
+    if saved.get("sharded"):
+        load_sharded_optimizer(model, optimizer, path)
+    elif model is not None and is_sharded(model):
+        load_full_optimizer_state(model, optimizer, saved)
+    else:
+        optimizer.load_state_dict(saved)
     for group, settings in zip(optimizer.param_groups, current):
         group.update(settings)
 
@@ -428,12 +457,17 @@ def resume_training(config, model, optimizer, lr_scheduler, scaler=None, model_e
         return start, path
     logger.info("config changes since the checkpoint: %s", ", ".join(
         f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()) or "none")
-    _restore_optimizer(optimizer, checkpoint["optimizer"], path, config, changes)
+    _restore_optimizer(optimizer, checkpoint["optimizer"], path, config, changes, model)
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
-    if model_ema is not None:
-        # An EMA switched on at resume starts from the resumed weights, not from the random initialisation.
-        model_ema.module.load_state_dict(checkpoint.get("model_ema") or model.state_dict())
+    if model_ema is not None and checkpoint.get("sharded_dir") and checkpoint.get("model_ema"):
+        load_sharded_weights(model_ema.module, checkpoint["sharded_dir"], "model_ema")
+    elif model_ema is not None and is_sharded(model_ema.module) and checkpoint.get("model_ema"):
+        load_full_state_dict(model_ema.module, checkpoint["model_ema"])
+    elif model_ema is not None and not checkpoint.get("model_ema"):
+        model_ema.set(model)  # an EMA switched on at resume starts from the resumed weights
+    elif model_ema is not None:
+        model_ema.module.load_state_dict(checkpoint["model_ema"])
     rng = checkpoint.get("rng") or []
     if len(rng) == get_world_size():
         set_rng_state(rng[get_rank()])
@@ -481,6 +515,10 @@ def save_training_checkpoint(config, model, optimizer, lr_scheduler, scaler, mod
     """Collective: gathers every rank's RNG state, then rank 0 writes the checkpoint atomically."""
     from config import to_yaml
 
+    if config.TRAIN.FSDP:
+        save_sharded_training_checkpoint(config, model, optimizer, lr_scheduler, scaler, model_ema, state, complete,
+                                         acc1, is_best)
+        return
     rng = gather_rng_states()
     if not is_main_process():
         return
@@ -502,3 +540,166 @@ def save_training_checkpoint(config, model, optimizer, lr_scheduler, scaler, mod
     }
     save_checkpoint(checkpoint, config.OUTPUT, state.epoch, state.update, complete, config.TRAIN.KEEP_CHECKPOINTS,
                     acc1, is_best)
+
+
+# --------------------------------------------------------------------------- sharded checkpoints (TRAIN.FSDP)
+#
+# A sharded checkpoint is a folder, ``ckpt_epoch_N/`` (``ckpt_epoch_N_step_S/`` mid-epoch), holding:
+#   .metadata, __R_0.distcp   torch.distributed.checkpoint (DCP): the model, the optimizer's state and the EMA,
+#                             each process writing its own shards in parallel (``__R_0.distcp`` from rank R);
+#   state.pth                 the run state, as in a single-file checkpoint without its tensors: epoch, position,
+#                             every process's RNG state, gradient scaler, best accuracy, config;
+#   model.pth                 at epoch ends only: the released format, ``{"model": state_dict}`` with full tensors
+#                             and the reference's key names, for --eval, --pretrained, predict.py, other code.
+# It is written as ``NAME.tmp/`` and renamed once every process has finished, so a folder with the final name is
+# complete; the manifest and retention treat it like a file. DCP reshards on load, so a checkpoint written by N
+# processes resumes on any number of processes, with or without FSDP.
+
+SHARDED_STATE = "state.pth"
+RELEASED_MODEL = "model.pth"
+
+
+def is_sharded_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a sharded checkpoint folder (rather than a run folder)."""
+    return os.path.isfile(os.path.join(path, SHARDED_STATE)) or os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def load_sharded_state(path: str) -> Dict[str, Any]:
+    """The run state of a sharded checkpoint, with ``sharded_dir`` set to the folder (tensors stay on disk).
+
+    Raises:
+        CheckpointError: the folder lacks its DCP metadata or its run state, or the state is unreadable.
+    """
+    for name in (".metadata", SHARDED_STATE):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise CheckpointError(f"cannot read {path}: the sharded checkpoint has no {name} (incomplete)")
+    state = load_checkpoint_file(os.path.join(path, SHARDED_STATE))
+    state["sharded_dir"] = path
+    return state
+
+
+def _dcp_load(content: Dict[str, Any], path: str) -> None:
+    """Fills ``content`` in place from the DCP files of ``path`` (collective when there are several processes)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(content, checkpoint_id=path)
+    except Exception as error:  # DCP wraps the per-process failures in its own exception types
+        raise CheckpointError(f"cannot read the sharded checkpoint {path}: {str(error).strip()[:800]}") from error
+
+
+def load_sharded_weights(module: torch.nn.Module, path: str, key: str) -> None:
+    """Loads ``key`` (``model`` or ``model_ema``) of a sharded checkpoint into ``module``, sharded or not."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state_dict = get_model_state_dict(module)
+    content = {key: state_dict}
+    _dcp_load(content, path)
+    set_model_state_dict(module, content[key])
+
+
+def load_sharded_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """Loads the optimizer's per-parameter state of a sharded checkpoint (keyed by parameter name)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state_dict = get_optimizer_state_dict(model, optimizer)
+    content = {"optimizer": state_dict}
+    _dcp_load(content, path)
+    set_optimizer_state_dict(model, optimizer, content["optimizer"])
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: Dict[str, Any]) -> None:
+    """Loads a single-file (DDP) checkpoint's optimizer state, keyed by position, into a sharded model's optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    converted = {"state": {order[index]: value for index, value in saved["state"].items()},
+                 "param_groups": [{**{k: v for k, v in group.items() if k != "params"},
+                                   "params": [order[index] for index in group["params"]]}
+                                  for group in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, converted, options=StateDictOptions(full_state_dict=True))
+
+
+def full_model_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The full weights on rank 0's CPU (collective for a sharded module; other ranks get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not is_sharded(module):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded_training_checkpoint(config, model, optimizer, lr_scheduler, scaler, model_ema, state: EpochState,
+                                     complete: bool, acc1: Optional[float] = None, is_best: bool = False) -> str:
+    """Collective: every process writes its shards into ``NAME.tmp/``; rank 0 adds the run state (and, at epoch
+    ends, the released-format ``model.pth``), renames the folder once all have finished and updates the manifest.
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
+        CheckpointError: a process could not write (disk full, permissions); earlier checkpoints are intact.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from config import to_yaml
+
+    rng = gather_rng_states()
+    name = checkpoint_name(state.epoch, state.update, complete, sharded=True)
+    final = os.path.join(config.OUTPUT, name)
+    tmp = f"{final}.tmp"
+    if is_main_process() and os.path.exists(tmp):
+        shutil.rmtree(tmp)  # left by a crash during an earlier save
+    barrier()
+    content = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    if model_ema is not None:
+        content["model_ema"] = get_model_state_dict(model_ema.module)
+    try:
+        dcp.save(content, checkpoint_id=tmp)
+    except Exception as error:  # DCP gathers every process's failure into one exception, raised on all of them
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {str(error).strip()[:800]}. The previous "
+                              f"checkpoints are intact; free space or fix permissions on {config.OUTPUT}") from error
+    released = full_model_state_dict(model) if complete or is_best else None
+    barrier()  # every process's shards are on disk
+    if is_main_process():
+        run_state = {
+            "optimizer": {"sharded": True, "param_groups": [{"params": list(range(len(group["params"])))}
+                                                            for group in optimizer.param_groups]},
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "model_ema": model_ema is not None,
+            "max_accuracy": state.max_accuracy,
+            "epoch": state.epoch,
+            "step": state.update,
+            "complete": complete,
+            "images": state.images,
+            "world_size": get_world_size(),
+            "skipped_steps": state.skipped_total,
+            "rng": rng,
+            "config": to_yaml(config),
+        }
+        if complete:
+            atomic_torch_save({"model": released}, os.path.join(tmp, RELEASED_MODEL))
+        atomic_torch_save(run_state, os.path.join(tmp, SHARDED_STATE))  # last: its presence marks a whole folder
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # the same position saved again (a resumed run): replace it
+            old = f"{final}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(config.OUTPUT)
+        if is_best:
+            atomic_torch_save({"model": released, "epoch": state.epoch, "max_accuracy": state.max_accuracy,
+                               "config": to_yaml(config)}, os.path.join(config.OUTPUT, "ckpt_best.pth"))
+        _record_checkpoint(config.OUTPUT, name, state.epoch, state.update, complete, config.TRAIN.KEEP_CHECKPOINTS,
+                           acc1)
+        logger.info("saved %s (sharded over %d processes)", final, get_world_size())
+    barrier()
+    return final
