@@ -286,6 +286,8 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
         logger.info("%s", objective.summary(metrics, state.max_accuracy))
         for key in [k for k in ("acc1", "acc5", "loss") if k in metrics]:
             log_scalar(f"val/{key}", metrics[key], (epoch + 1) * updates_per_epoch)
+        if writer is not None:
+            objective.log_images(model, loaders.val_dataset, writer, (epoch + 1) * updates_per_epoch)
         if is_main_process():
             with open(os.path.join(config.OUTPUT, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -9,10 +9,13 @@ import logging
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
+from torchvision.utils import make_grid
 
-from data.datasets import unreadable_index
+from data.datasets import ImageDataset, unreadable_index
 from data.errors import DataError
+from data.simmim import VAL_MASK_SEED
 from utils import all_reduce_sum
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,9 @@ class Objective:
     def summary(self, metrics: Dict[str, float], best: float) -> str:
         """The log line after each validation; ``best`` is the best :meth:`score` so far."""
         raise NotImplementedError
+
+    def log_images(self, model: nn.Module, val_dataset: ImageDataset, writer, step: int) -> None:
+        """Images for TensorBoard after a validation (none by default)."""
 
 
 class ClassificationObjective(Objective):
@@ -155,9 +161,39 @@ class SimMIMObjective(Objective):
         logger.info(" * Reconstruction loss %.4f (masked L1 over %d images)", metrics["loss"], total)
         return metrics
 
+    def log_images(self, model: nn.Module, val_dataset: ImageDataset, writer, step: int) -> None:
+        """Input / masked input / reconstruction of the first validation images (see :func:`reconstruction_grid`)."""
+        writer.add_image("val/reconstruction", reconstruction_grid(model, val_dataset), step)
+
     def summary(self, metrics: Dict[str, float], best: float) -> str:
         return (f"reconstruction loss (masked L1) on the {metrics['count']} validation images: "
                 f"{metrics['loss']:.4f}; best {-best:.4f}")
+
+
+# Images shown by default, and the pixel size each is drawn at (small digits are enlarged for the eye).
+DEFAULT_GRID_COUNT = 8
+MIN_DISPLAY_SIZE = 96
+
+
+def reconstruction_grid(model: nn.Module, dataset: ImageDataset, count: int = DEFAULT_GRID_COUNT) -> torch.Tensor:
+    """A (3, H, W) image in [0, 1]: for the first ``count`` images of ``dataset`` (a SimMIM validation dataset),
+    one row of input, masked input and reconstruction."""
+    model = getattr(model, "module", model)
+    device = next(model.parameters()).device
+    items = [dataset[(index, VAL_MASK_SEED + index)][0] for index in range(min(count, len(dataset)))]
+    images = torch.stack([image for image, _ in items]).to(device)
+    masks = torch.stack([mask for _, mask in items]).to(device)
+    was_training = model.training
+    model.eval()
+    rows = model.visualize(images, masks).float().cpu()
+    model.train(was_training)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    rows = (rows * std + mean).clamp(0, 1)
+    if rows.shape[-1] < MIN_DISPLAY_SIZE:
+        scale = -(-MIN_DISPLAY_SIZE // rows.shape[-1])
+        rows = rows.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    return make_grid(rows, nrow=3, padding=2, pad_value=1.0)
 
 
 def build_objective(config, criterion: Optional[nn.Module] = None, mixup_fn=None) -> Objective:

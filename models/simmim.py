@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 PRETRAINING_ONLY = ("decoder.", "encoder.mask_token")
 
 
-def normalize_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Each pixel minus the mean, over the std, of the ``patch_size`` x ``patch_size`` window around it.
+def local_statistics(images: torch.Tensor, patch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The mean and standard deviation of the ``patch_size`` x ``patch_size`` window around each pixel.
 
     Windows at the border count only the pixels inside the image; the variance is the unbiased one, and
     1e-6 is added under the square root (the reference's target normalisation).
@@ -41,7 +41,13 @@ def normalize_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     ones = torch.ones_like(images[:1, :1])
     count = F.avg_pool2d(ones, patch_size, stride=1, padding=pad, divisor_override=1)
     variance = ((mean_of_squares - mean * mean) * (count / (count - 1))).clamp(min=0.0)
-    return (images - mean) / (variance + 1e-6).sqrt()
+    return mean, (variance + 1e-6).sqrt()
+
+
+def normalize_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Each pixel minus the mean, over the std, of the window around it (see :func:`local_statistics`)."""
+    mean, std = local_statistics(images, patch_size)
+    return (images - mean) / std
 
 
 class SimMIM(nn.Module):
@@ -105,6 +111,20 @@ class SimMIM(nn.Module):
         pixel_mask = self.pixel_mask(mask).to(reconstruction.dtype)
         error = (reconstruction - targets).abs() * pixel_mask
         return error.sum() / (pixel_mask.sum() + 1e-5) / self.in_chans
+
+    @torch.no_grad()
+    def visualize(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Rows of (input, masked input, input with the masked pixels reconstructed) for each image, in the input's
+        (normalised) space: (3 * B, C, H, W). With target normalisation the reconstruction is brought back with the
+        input's local mean and standard deviation."""
+        reconstruction = self.reconstruct(images, mask).float()
+        if self.norm_target_patch_size is not None:
+            mean, std = local_statistics(images.float(), self.norm_target_patch_size)
+            reconstruction = reconstruction * std + mean
+        pixel_mask = self.pixel_mask(mask).to(images.dtype)
+        masked = images * (1 - pixel_mask)
+        filled = images * (1 - pixel_mask) + reconstruction * pixel_mask
+        return torch.stack([images, masked, filled], dim=1).flatten(0, 1)
 
     def no_weight_decay(self) -> set:
         """The encoder's exemptions under their ``encoder.`` names, and the mask token."""
