@@ -23,6 +23,8 @@ LOGIT_SCALE_MAX = math.log(100.0)
 # Hidden width of the continuous position bias MLP, and the bound of its output (16 * sigmoid).
 CPB_HIDDEN = 512
 CPB_BOUND = 16.0
+# F.normalize's default: the smallest norm divided by.
+NORMALIZE_EPS = 1e-12
 
 
 def relative_coords_table(window_size: int, pretrained_window_size: int = 0) -> torch.Tensor:
@@ -104,7 +106,10 @@ class WindowAttentionV2(WindowAttentionBase):
         qkv = F.linear(x, self.qkv.weight, bias)
         q, k, v = qkv.reshape(BnW, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         # cos(q, k) * t == (t * q / |q|) . (k / |k|): the temperature rides on q, attention scale is 1.
-        return F.normalize(q, dim=-1) * self.temperature(), F.normalize(k, dim=-1), v
+        # F.normalize's default eps (1e-12) is 0 in float16, where a zero query (a padding token with no q_bias)
+        # would become 0 / 0; the smallest normal number of the dtype keeps it 0 and changes nothing else.
+        eps = max(NORMALIZE_EPS, torch.finfo(q.dtype).tiny)
+        return F.normalize(q, dim=-1, eps=eps) * self.temperature(), F.normalize(k, dim=-1, eps=eps), v
 
 
 class SwinTransformerV2Block(WindowBlock):
