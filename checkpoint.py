@@ -237,8 +237,9 @@ def load_pretrained(config, model: torch.nn.Module) -> None:
 
 
 # Keys that shape the model's weights: a checkpoint trained with other values cannot be continued.
-# MODEL.SWIN.ATTN_IMPL only picks how attention is computed (same weights, same outputs).
-ARCHITECTURE_KEYS = ("MODEL.TYPE", "MODEL.NUM_CLASSES", "MODEL.SWIN.")
+# MODEL.SWIN.ATTN_IMPL only picks how attention is computed (same weights, same outputs). TRAIN.OBJECTIVE picks a
+# SimMIM model or a classifier.
+ARCHITECTURE_KEYS = ("MODEL.TYPE", "MODEL.NUM_CLASSES", "MODEL.SWIN.", "TRAIN.OBJECTIVE")
 ARCHITECTURE_EXEMPT = ("MODEL.SWIN.ATTN_IMPL",)
 # Keys that decide the optimizer's kind or its parameter groups.
 OPTIMIZER_KEYS = ("TRAIN.OPTIMIZER.NAME", "TRAIN.LAYER_DECAY")

@@ -287,3 +287,21 @@ def test_pretraining_resumes_exactly_after_a_kill(digits_root, tmp_path):
     assert "continuing at epoch" in result.stdout
     assert len(losses(resumed_dir / "log_rank0.txt")) == 2 * 23
     assert_same_training(tmp_path / "straight" / run, resumed_dir)
+
+
+def test_throughput_measures_the_simmim_step(tmp_path):
+    import main_simmim_pt
+
+    status = main_simmim_pt.cli(["--cfg", DEMO, "--throughput", "--batch-size", "2", "--output", str(tmp_path),
+                                 "--opts", "DATA.MASK_PATCH_SIZE", "8"] + SMALL[:6])
+    assert status == 0
+    with open(tmp_path / "swin_micro_digits" / "default" / "throughput.json") as f:
+        assert json.load(f)["train_images_per_second"] > 0
+
+
+def test_main_simmim_pt_puts_the_objective_ahead_of_user_overrides():
+    from main_simmim_pt import simmim_argv
+
+    assert simmim_argv(["--cfg", "x"]) == ["--cfg", "x", "--opts", "TRAIN.OBJECTIVE", "simmim"]
+    assert simmim_argv(["--opts", "A", "1", "--tag", "t"]) == ["--opts", "TRAIN.OBJECTIVE", "simmim", "A", "1",
+                                                               "--tag", "t"]
