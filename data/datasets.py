@@ -1,9 +1,11 @@
 """Image datasets for the three layouts (class folders, zip + map files, ImageNet-22K JSON lists).
 
 All of them share :class:`ImageDataset`, which decodes images, applies the transform and handles
-unreadable images: each one is logged with its path, counted, and replaced by the next readable image
-(index + 1, + 2, ...), so a run survives a few broken files. Counts are per process (each DataLoader
-worker counts what it reads). The run stops with :class:`DataError` once at least
+unreadable images: each one is logged with its path, counted, and, for training, replaced by the next
+readable image (index + 1, + 2, ...), so a run survives a few broken files. For evaluation
+(``replace_unreadable`` False) it is left out instead: its item carries the label
+:func:`unreadable_label` of its index, which ``engine.validate`` recognises, so that no image is counted
+twice. Counts are per process (each DataLoader worker counts what it reads). The run stops with :class:`DataError` once at least
 :data:`MIN_BAD_TO_STOP` images were unreadable and they are more than ``max_bad_fraction`` of the images
 read; ``max_bad_fraction`` 0 stops at the first unreadable image.
 """
@@ -32,6 +34,16 @@ logger = logging.getLogger(__name__)
 MIN_BAD_TO_STOP = 5
 
 Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def unreadable_label(index: int) -> int:
+    """The label of the item of an unreadable image ``index`` when images are not replaced: negative."""
+    return -1 - index
+
+
+def unreadable_index(label: int) -> int:
+    """The image index that :func:`unreadable_label` gave ``label`` for."""
+    return -1 - label
 
 
 class PackedStrings:
@@ -91,6 +103,10 @@ class ImageDataset(Dataset):
         max_bad_fraction: the stopping limit for unreadable images.
 
     Items are ``(transform(image), label)``.
+
+    Attributes:
+        replace_unreadable: True (training): an unreadable image is replaced by the next readable one. False
+            (evaluation): its item is ``(transform(a 1x1 black image), unreadable_label(index))``.
     """
 
     def __init__(self, labels: np.ndarray, class_names: List[str], transform: Optional[Transform],
@@ -104,6 +120,7 @@ class ImageDataset(Dataset):
         self.num_read = 0
         self.num_bad = 0
         self.last_bad = ""
+        self.replace_unreadable = True
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -111,14 +128,18 @@ class ImageDataset(Dataset):
     def __getitem__(self, item: Union[int, Tuple[int, int]]) -> Tuple[torch.Tensor, int]:
         """Item ``index``, or ``(index, seed)`` to draw its random augmentation from ``seed`` alone."""
         index, seed = item if isinstance(item, tuple) else (item, None)
-        image, used = self._first_readable(index)
+        if self.replace_unreadable:
+            image, used = self._first_readable(index)
+            label = int(self.labels[used])
+        else:
+            image, label = self._readable_or_blank(index)
         if self.transform is not None:
             if seed is None:
                 image = self.transform(image)
             else:
                 with seeded_random_streams(seed):
                     image = self.transform(image)
-        return image, int(self.labels[used])
+        return image, label
 
     @property
     def targets(self) -> List[int]:
@@ -149,12 +170,24 @@ class ImageDataset(Dataset):
                 self._count_bad(candidate, error)
         raise DataError(f"no image of {self.describe()} can be read")
 
+    def _readable_or_blank(self, index: int) -> Tuple[Image.Image, int]:
+        """The image at ``index`` and its label or, when it cannot be decoded, a black 1x1 image (the transform
+        brings it to the right size) and :func:`unreadable_label`."""
+        self.num_read += 1
+        try:
+            with self.open_image(index) as stream:
+                return decode_image(stream), int(self.labels[index])
+        except UNREADABLE_ERRORS as error:
+            self._count_bad(index, error)
+        return Image.new("RGB", (1, 1)), unreadable_label(index)
+
     def _count_bad(self, index: int, error: BaseException) -> None:
         """Logs and counts one unreadable image; raises DataError past the limit."""
         self.num_bad += 1
         self.last_bad = self.image_path(index)
-        logger.warning("unreadable image %s (%s: %s); using the next image instead. %d of %d images read in "
-                       "this process were unreadable.", self.last_bad, type(error).__name__, error,
+        logger.warning("unreadable image %s (%s: %s); %s. %d of %d images read in this process were unreadable.",
+                       self.last_bad, type(error).__name__, error,
+                       "using the next image instead" if self.replace_unreadable else "left out of the evaluation",
                        self.num_bad, self.num_read)
         if too_many_bad(self.num_bad, self.num_read, self.max_bad_fraction):
             raise DataError(

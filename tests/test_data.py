@@ -276,6 +276,7 @@ def test_corrupt_image_is_replaced_counted_and_logged(tmp_path, caplog):
     bad = tmp_path / "val" / "cat" / "0.jpg"
     bad.write_bytes(GARBAGE)
     dataset = build_dataset(False, make_config(root))  # the eval transform is deterministic
+    dataset.replace_unreadable = True  # as for training; evaluation leaves unreadable images out
     with caplog.at_level(logging.WARNING):
         image, label = dataset[0]
     replacement, replacement_label = dataset[1]

@@ -3,6 +3,7 @@ directory symlink loops, unreadable files in the zip writer, worker errors, exac
 validation images and the digits demo set next to your own data."""
 import importlib.util
 import io
+import json
 import logging
 import os
 import struct
@@ -277,3 +278,69 @@ def test_data_error_from_a_worker_keeps_its_own_message(tmp_path):
     assert str(caught.value).startswith("5 of the 7 images read in this process")
     assert "in DataLoader worker process 0" in caught.value.worker_traceback
     assert str(DataError("plain")) == "plain" and DataError("plain").worker_traceback == ""
+
+
+# ----- exact evaluation with unreadable validation images -----
+
+def linear_model(num_classes=3, size=32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * size * size, num_classes))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_evaluation_leaves_unreadable_images_out_and_names_them(tmp_path, caplog, workers):
+    from engine import Precision, validate
+
+    root = make_folder_dataset(tmp_path, val={"cat": 2, "dog": 3, "emu": 2})
+    bad = [tmp_path / "val" / "cat" / "1.jpg", tmp_path / "val" / "emu" / "0.jpg"]
+    for path in bad:
+        path.write_bytes(GARBAGE)
+    loaders = build_loader(make_config(root, DATA__NUM_WORKERS=workers), eval_only=True)
+    model = linear_model()
+    with caplog.at_level(logging.WARNING):
+        metrics = validate(model, loaders.val_loader, torch.device("cpu"), Precision(False), 7)
+    readable = [i for i in range(7) if loaders.val_dataset.image_path(i) not in map(str, bad)]
+    images = torch.stack([loaders.val_dataset[i][0] for i in readable])
+    labels = torch.tensor([loaders.val_dataset.labels[i] for i in readable])
+    with torch.no_grad():
+        logits = model(images)
+    assert metrics["count"] == 5 and metrics["unreadable"] == 2
+    assert metrics["acc1"] == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())
+    assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert f"evaluated 5 of 7 validation images; 2 unreadable images were left out: {bad[0]}, {bad[1]}" \
+        in caplog.text
+
+
+@pytest.mark.slow
+def test_evaluation_with_unreadable_images_is_the_same_with_1_and_2_processes(tmp_path):
+    from config import load_config
+    from models import build_model
+
+    root = make_folder_dataset(tmp_path / "data", val={"cat": 3, "dog": 4, "emu": 3})
+    # Images 0, 3 and 7: in the shards of rank 0, 1 and 1 with 2 processes.
+    bad = [tmp_path / "data" / "val" / "cat" / "0.jpg", tmp_path / "data" / "val" / "dog" / "0.jpg",
+           tmp_path / "data" / "val" / "emu" / "0.jpg"]
+    for path in bad:
+        path.write_bytes(GARBAGE)
+    opts = ["MODEL.NUM_CLASSES", "3", "DATA.PREPARE_DIGITS", "False"] + TINY
+    weights = tmp_path / "weights.pth"
+    torch.manual_seed(0)
+    torch.save({"model": build_model(load_config(DEMO, opts)).state_dict()}, weights)
+    common = ["--cfg", DEMO, "--data-path", root, "--eval", "--pretrained", str(weights), "--batch-size", "2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    results = {}
+    for processes in (1, 2):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                    "--master_port", "29533"] if processes > 1 else [sys.executable]
+        output = tmp_path / f"out{processes}"
+        result = subprocess.run(launcher + [os.path.join(REPO, "main.py")] + common + ["--output", str(output),
+                                "--opts"] + opts, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "evaluated 7 of 10 validation images; 3 unreadable images were left out: " + ", ".join(map(str, bad)) \
+            in result.stdout
+        with open(output / "swin_micro_digits" / "default" / "eval.json") as f:
+            results[processes] = json.load(f)
+    one, two = results[1], results[2]
+    assert one["count"] == two["count"] == 7 and one["unreadable"] == two["unreadable"] == 3
+    assert one["acc1"] == two["acc1"] and one["acc5"] == two["acc5"]
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-6)
