@@ -1,6 +1,8 @@
 """Datasets and loaders from the config: the entry points the training driver calls."""
+import atexit
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -146,10 +148,32 @@ def _val_loader(val_dataset: ImageDataset, config: CfgNode, rank: int, world_siz
     return _data_loader(val_dataset, _val_sampler(val_dataset, config, rank, world_size), config, drop_last=False)
 
 
+# The loaders with worker processes, so that their workers are stopped before the interpreter exits.
+_LOADERS_WITH_WORKERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
+
+
+def _stop_loader_workers() -> None:
+    """Stops the persistent workers of every loader still alive, the way a finished loader does.
+
+    Workers ignore SIGTERM (the training process handles it), so the terminate-and-join that multiprocessing
+    runs at exit would wait for them forever; a run that ends with an error (whose traceback can keep the
+    loaders alive in a reference cycle) would hang instead of exiting. Registered after multiprocessing's
+    exit handler, this one runs before it.
+    """
+    for loader in list(_LOADERS_WITH_WORKERS):
+        iterator = getattr(loader, "_iterator", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+atexit.register(_stop_loader_workers)
+
+
 def _data_loader(dataset: ImageDataset, sampler: Sampler, config: CfgNode, drop_last: bool,
                  generator: Optional[torch.Generator] = None) -> DataLoader:
     workers = config.DATA.NUM_WORKERS
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=config.DATA.BATCH_SIZE,
         sampler=sampler,
@@ -161,6 +185,9 @@ def _data_loader(dataset: ImageDataset, sampler: Sampler, config: CfgNode, drop_
         generator=generator,
         worker_init_fn=ignore_stop_signals_in_worker,  # the training process handles Ctrl-C and SIGTERM
     )
+    if workers > 0:
+        _LOADERS_WITH_WORKERS.add(loader)
+    return loader
 
 
 def _expected_layout(config: CfgNode) -> str:

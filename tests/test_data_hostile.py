@@ -251,7 +251,7 @@ def test_zip_tool_reports_an_unusable_output_in_one_line(tmp_path, capsys, monke
 def run_main(args, cwd=REPO):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, os.path.join(REPO, "main.py")] + args, cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=180)  # a hang at exit fails fast
 
 
 @pytest.mark.slow
