@@ -212,8 +212,11 @@ def load_pretrained(config, model: torch.nn.Module) -> None:
     path = config.MODEL.PRETRAINED
     checkpoint = load_checkpoint_file(path)
     if checkpoint.get("sharded_dir"):
-        path = os.path.join(path, RELEASED_MODEL)  # written at epoch ends; else tools/export_fsdp_checkpoint.py
-        checkpoint = load_checkpoint_file(path)
+        released = os.path.join(path, RELEASED_MODEL)  # written at epoch ends
+        if not os.path.isfile(released):
+            raise CheckpointError(f"{path} is a mid-epoch sharded checkpoint without {RELEASED_MODEL}: convert it "
+                                  f"with python tools/export_fsdp_checkpoint.py {path} OUT.pth, then --pretrained OUT.pth")
+        path, checkpoint = released, load_checkpoint_file(released)
     try:
         state_dict = extract_state_dict(checkpoint)
     except CheckpointError as error:

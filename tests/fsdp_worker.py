@@ -4,7 +4,8 @@
 MODE ``compare``: the same updates (accumulation, clipping, EMA, layer decay) with DDP and with FSDP from the
 same start (``KEY VALUE`` pairs apply to the FSDP run only), then a sharded checkpoint of the FSDP run in ``OUT_DIR/run`` and, from rank 0, the full tensors it
 should hold in ``OUT_DIR/expected.pth``; each rank writes what it saw to ``OUT_DIR/rank{N}.json``. MODE
-``fp16``: float16 updates with the gradient scaler and a gradient that overflows on one process only.
+``fp16``: float16 updates with the gradient scaler and a gradient that overflows on one process only. MODE
+``from_ddp``: a DDP (single-file) training checkpoint resumed by an FSDP run.
 """
 import json
 import os
@@ -117,9 +118,40 @@ def fp16(out_dir: str, extra: list) -> dict:
             "checksum": sum(v.double().sum().item() for v in weights.values())}
 
 
+def from_ddp(out_dir: str, extra: list) -> dict:
+    """A single-file (DDP) training checkpoint resumed by an FSDP run: weights, EMA and AdamW moments sharded."""
+    from checkpoint import resume_training, save_training_checkpoint
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    device = init_distributed()
+    generator = torch.Generator().manual_seed(100 + get_rank())
+    batches = [(torch.randn(2, 3, 32, 32, generator=generator), torch.randint(0, 10, (2,), generator=generator))
+               for _ in range(UPDATES * 2)]
+    ddp_config = load_config(None, opts=MICRO + extra + ["OUTPUT", os.path.join(out_dir, "ddp")])
+    model, model_ema, optimizer, parts, state, _ = train(ddp_config, device, batches)
+    os.makedirs(ddp_config.OUTPUT, exist_ok=True)
+    save_training_checkpoint(ddp_config, model, optimizer, parts.lr_scheduler, None, model_ema, state, complete=True)
+    torch.distributed.barrier()  # rank 0 writes it
+    path = os.path.join(ddp_config.OUTPUT, "ckpt_epoch_0.pth")
+    config = load_config(None, opts=MICRO + extra + ["TRAIN.FSDP", "True", "MODEL.RESUME", path])
+    seed_everything(1000 + get_rank())  # other initial weights: the resume must replace them
+    sharded, sharded_ema, _ = prepare_model(config, device)
+    sharded_optimizer = build_optimizer(config, sharded, device)
+    resume_training(config, sharded, sharded_optimizer, build_scheduler(config, sharded_optimizer, UPDATES), None,
+                    sharded_ema, UPDATES, UPDATES * 2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    moments = {names[id(p)]: optimizer.state[p]["exp_avg"] for p in model.parameters()}
+    full = get_optimizer_state_dict(sharded, sharded_optimizer, options=StateDictOptions(full_state_dict=True))
+    weights, ema = full_weights(sharded), full_weights(sharded_ema.module)
+    return {"sharded": type(sharded).__name__.startswith("FSDP"),
+            "weight_diff": max((weights[k] - v).abs().max().item() for k, v in model.state_dict().items()),
+            "ema_diff": max((ema[k] - v).abs().max().item() for k, v in model_ema.module.state_dict().items()),
+            "moment_diff": max((full["state"][k]["exp_avg"] - v).abs().max().item() for k, v in moments.items())}
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
-    result = {"compare": compare, "fp16": fp16}[mode](out, sys.argv[3:])
+    result = {"compare": compare, "fp16": fp16, "from_ddp": from_ddp}[mode](out, sys.argv[3:])
     with open(os.path.join(out, f"rank{get_rank()}.json"), "w") as f:
         json.dump(result, f)
     shutdown_distributed()

@@ -151,3 +151,11 @@ def test_fsdp_kill_mid_epoch_and_auto_resume_gives_the_same_losses(digits_root, 
     weights = load_checkpoint_file(str(resumed_dir / "ckpt_epoch_1" / "model.pth"))["model"]
     for key, value in reference.items():
         torch.testing.assert_close(weights[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_fsdp_run_resumes_a_ddp_single_file_checkpoint(tmp_path):
+    """Switching a run from DDP to FSDP: the single file's weights, EMA and AdamW moments land in the shards."""
+    for rank, result in enumerate(run_worker("from_ddp", tmp_path)):
+        assert result["sharded"], rank
+        assert result["weight_diff"] == result["ema_diff"] == result["moment_diff"] == 0.0, (rank, result)
