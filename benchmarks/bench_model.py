@@ -7,6 +7,10 @@ matmul measured in the same run.
 
     python benchmarks/bench_model.py                         # Swin-T 224, batch 16, CPU
     python benchmarks/bench_model.py --device cuda --batch 128 --model base --json results.json
+    python benchmarks/bench_model.py --model swinv2_tiny_patch4_window8_256    # Swin V2 against timm's V2
+
+``--model`` takes tiny, small or base (V1 at 224 px, window 7) or the name of a V1 or V2 config in configs/swin
+or configs/swinv2; the image size follows the config unless --img is given. Swin-MLP has no timm counterpart.
 """
 import argparse
 import json
@@ -21,9 +25,12 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer as TimmSwin
+from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models import SwinTransformer  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from config import load_config  # noqa: E402
+from models import build_model  # noqa: E402
 from models.state_dict import ours_to_timm  # noqa: E402
 
 ARCHS = {
@@ -34,11 +41,43 @@ ARCHS = {
 SETTINGS = ("fp32", "bf16", "fp32-compile", "bf16-compile")
 
 
-def build_pair(arch: str, img_size: int, fused: bool):
+def model_config(name: str, img_size: int, fused: bool):
+    """The frozen config of ``name`` (an ARCHS key or a config file name) with stochastic depth off."""
+    opts = ["MODEL.DROP_PATH_RATE", "0.0", "FUSED_WINDOW_PROCESS", str(fused)]
+    if name in ARCHS:
+        arch = ARCHS[name]
+        path = None
+        opts += ["MODEL.SWIN.EMBED_DIM", str(arch["embed_dim"]), "MODEL.SWIN.DEPTHS", str(list(arch["depths"])),
+                 "MODEL.SWIN.NUM_HEADS", str(list(arch["num_heads"])), "DATA.IMG_SIZE", str(img_size or 224)]
+    else:
+        found = [os.path.join(REPO, "configs", d, name + ".yaml") for d in ("swin", "swinv2")]
+        found = [p for p in found if os.path.exists(p)]
+        if not found:
+            raise SystemExit(f"--model {name}: not one of {', '.join(ARCHS)} nor a config in configs/swin or "
+                             "configs/swinv2")
+        path = found[0]
+        if img_size:
+            opts += ["DATA.IMG_SIZE", str(img_size)]
+    return load_config(path, opts)
+
+
+def build_timm(config) -> torch.nn.Module:
+    """timm's model of the same architecture as ``config``."""
+    section = config.MODEL.SWINV2 if config.MODEL.TYPE == "swinv2" else config.MODEL.SWIN
+    args = dict(img_size=config.DATA.IMG_SIZE, patch_size=section.PATCH_SIZE, in_chans=section.IN_CHANS,
+                num_classes=config.MODEL.NUM_CLASSES, embed_dim=section.EMBED_DIM, depths=tuple(section.DEPTHS),
+                num_heads=tuple(section.NUM_HEADS), window_size=section.WINDOW_SIZE, mlp_ratio=section.MLP_RATIO,
+                qkv_bias=section.QKV_BIAS, drop_path_rate=0.0)
+    if config.MODEL.TYPE == "swinv2":
+        return TimmSwinV2(**args, pretrained_window_sizes=tuple(section.PRETRAINED_WINDOW_SIZES))
+    return TimmSwin(**args)
+
+
+def build_pair(name: str, img_size: int, fused: bool):
     """Our model and timm's, with identical weights and stochastic depth off (so both do the same work)."""
-    args = dict(img_size=img_size, window_size=7, drop_path_rate=0.0, **ARCHS[arch])
-    ours = SwinTransformer(**args, fused_window_process=fused)
-    timm_model = TimmSwin(**args)
+    config = model_config(name, img_size, fused)
+    ours = build_model(config)
+    timm_model = build_timm(config)
     timm_model.load_state_dict(ours_to_timm(ours.state_dict()))
     return ours, timm_model
 
@@ -115,12 +154,10 @@ def run_child(args) -> None:
     """Measures one model's peak memory over a few steps and prints it (MB): CUDA max allocated, or on the
     CPU the process's peak resident set (everything this process holds: torch, the model, activations)."""
     device = torch.device(args.device)
-    arch = dict(img_size=args.img, window_size=7, drop_path_rate=0.0, **ARCHS[args.model])
-    if args.child == "ours":
-        model = SwinTransformer(**arch, fused_window_process=not args.no_fused).to(device)
-    else:
-        model = TimmSwin(**arch).to(device)
-    images = torch.randn(args.batch, 3, args.img, args.img, device=device)
+    config = model_config(args.model, args.img, not args.no_fused)
+    model = (build_model(config) if args.child == "ours" else build_timm(config)).to(device)
+    img = config.DATA.IMG_SIZE
+    images = torch.randn(args.batch, 3, img, img, device=device)
     targets = torch.randint(0, 1000, (args.batch,), device=device)
     dtype, _, compiled = args.child_setting.partition("-")
     infer, train = make_steps(model, images, targets, dtype, device, bool(compiled))
@@ -132,7 +169,20 @@ def run_child(args) -> None:
     if device.type == "cuda":
         print(torch.cuda.max_memory_allocated(device) / 2 ** 20)
     else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set in MB. Linux's VmHWM belongs to the address space that exec created;
+    ru_maxrss is not reset by exec, so a child forked from a large parent would report the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def print_profiles(steps: Dict[str, Callable[[], None]], rows: int) -> None:
@@ -151,9 +201,10 @@ def print_profiles(steps: Dict[str, Callable[[], None]], rows: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(ARCHS), default="tiny")
+    parser.add_argument("--model", default="tiny", help=f"{', '.join(ARCHS)} or a config name of configs/swin, "
+                        "configs/swinv2")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--img", type=int, default=224)
+    parser.add_argument("--img", type=int, default=0, help="image size (default: 224, or the config's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {SETTINGS}")
     parser.add_argument("--warmup", type=int, default=2)
@@ -175,12 +226,14 @@ def main() -> None:
     torch.manual_seed(0)
     ours, timm_model = build_pair(args.model, args.img, not args.no_fused)
     ours.to(device), timm_model.to(device)
-    images = torch.randn(args.batch, 3, args.img, args.img, device=device)
+    img = ours.patch_embed.patches_resolution[0] * ours.patch_embed.patch_size
+    images = torch.randn(args.batch, 3, img, img, device=device)
     targets = torch.randint(0, 1000, (args.batch,), device=device)
     macs = ours.flops()
     peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"Swin-{args.model[0].upper()} {args.img}px, batch {args.batch}, {name}, torch {torch.__version__}; "
+    title = f"Swin-{args.model[0].upper()}" if args.model in ARCHS else args.model
+    print(f"{title} {img}px, batch {args.batch}, {name}, torch {torch.__version__}; "
           f"matmul peak fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.2f} TFLOP/s")
     results = []
     header = (f"{'setting':<13} {'mode':<10} {'ours img/s':>10} {'timm img/s':>10} {'ours/timm':>9} "
@@ -209,7 +262,7 @@ def main() -> None:
                   f"{memory['ours']:>8.0f} {memory['timm']:>8.0f} {mfu:>8.1%}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "model": args.model, "batch": args.batch, "img": args.img,
+            json.dump({"device": name, "model": args.model, "batch": args.batch, "img": img,
                        "torch": torch.__version__, "matmul_peak_flops": peaks, "results": results}, f, indent=1)
 
 
