@@ -43,7 +43,7 @@ _C.DATA.MASK_PATCH_SIZE = 32
 _C.DATA.MASK_RATIO = 0.6
 # Beyond the reference:
 _C.DATA.MAX_BAD_FRACTION = 0.01  # stop when more than this fraction of the images read are unreadable
-_C.DATA.PREPARE_DIGITS = False  # write the scikit-learn digits demo set into DATA_PATH if it is missing
+_C.DATA.PREPARE_DIGITS = False  # write the scikit-learn digits demo set into DATA_PATH if it is missing or empty
 
 # -----------------------------------------------------------------------------
 # Model

@@ -15,7 +15,7 @@ from yacs.config import CfgNode
 
 from config import IMAGENET22K_NUM_CLASSES, ConfigError
 from data.datasets import FolderDataset, ImageDataset, ImageListDataset, Transform, ZipDataset
-from data.digits import digits_ready, prepare_digits
+from data.digits import digits_ready, holds_other_data, prepare_digits
 from data.errors import DataError
 from data.layout import FOLDER_LAYOUT, IMAGENET22K_LAYOUT, ZIP_LAYOUT, find_classes, read_map_file
 from data.samplers import (DistributedTrainSampler, ResumableSampler, SeededSampler, ShardedEvalSampler,
@@ -97,7 +97,7 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, eval_only:
     Each process loads DATA.BATCH_SIZE images per batch. Training shuffles from SEED + epoch and drops
     the last partial batch; validation gives each rank a disjoint shard covering every image exactly
     once (TEST.SHUFFLE shuffles inside the shard unless TEST.SEQUENTIAL). With DATA.PREPARE_DIGITS the
-    digits demo set is first written into DATA.DATA_PATH if it is not there.
+    digits demo set is first written into DATA.DATA_PATH if that folder is missing or empty.
     """
     if config.DATA.PREPARE_DIGITS:
         _prepare_digits_once(config.DATA.DATA_PATH)
@@ -267,9 +267,13 @@ def _class_count_message(configured: int, found: int, what: str) -> str:
 
 
 def _prepare_digits_once(root: str) -> None:
-    """Prepares the digits demo set in ``root`` if it is missing: in rank 0 only when torch.distributed is
-    initialised (the others wait at a barrier), else in this process."""
+    """Prepares the digits demo set in ``root`` if that folder is missing or empty: in rank 0 only when
+    torch.distributed is initialised (the others wait at a barrier), else in this process. A folder holding
+    anything else is your own dataset (the demo config pointed at your data) and is used as it is."""
     if digits_ready(root):
+        return
+    if holds_other_data(root):
+        logger.info("DATA.PREPARE_DIGITS: %s holds other data than the digits demo set; using it as it is", root)
         return
     if not (dist.is_available() and dist.is_initialized()):
         prepare_digits(root)

@@ -9,10 +9,12 @@ dark ink on white, upscaled to 32x32 RGB JPEGs, in both layouts in one root:
 
 with a fixed stratified split of 1,497 training and 300 validation images.
 """
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
-from typing import Tuple
+from typing import Iterator, Tuple
 
 import numpy as np
 from PIL import Image
@@ -35,11 +37,18 @@ def digits_ready(root: str) -> bool:
     return os.path.isfile(os.path.join(root, COMPLETE_MARKER))
 
 
+def holds_other_data(root: str) -> bool:
+    """Whether ``root`` is a folder with something in it other than a prepared digits dataset (your own data)."""
+    return os.path.isdir(root) and not digits_ready(root) and bool(os.listdir(root))
+
+
 def prepare_digits(root: str) -> None:
     """Writes the digits dataset into ``root`` (folder and zip layouts); does nothing if it is there.
 
     Everything is written into a temporary sibling folder that is renamed to ``root`` when complete,
-    so an interrupted preparation leaves no half-written ``root`` and is simply redone.
+    so an interrupted preparation leaves no half-written ``root`` and is simply redone. Preparations of
+    the same ``root`` by several processes at once (two first-time demo runs) take turns through an
+    exclusive lock on the sibling file ``.<name>.lock``; the later ones find the dataset prepared.
 
     Raises:
         DataError: ``root`` is an empty string, or a non-empty folder that is not a prepared digits dataset.
@@ -49,23 +58,44 @@ def prepare_digits(root: str) -> None:
     if digits_ready(root):
         logger.info("digits dataset already prepared in %s", root)
         return
-    if os.path.isdir(root) and os.listdir(root):
-        raise DataError(f"{root} is not empty and holds no prepared digits dataset (no {COMPLETE_MARKER} file). "
-                        "Remove it or prepare the digits into another folder.")
     root = os.path.abspath(root)
-    # One preparation at a time per root (build_loader lets only rank 0 prepare); whatever an interrupted
-    # one left in the staging folder is discarded here.
-    staging = f"{root}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    try:
-        counts = _write_folders(staging)
-        make_zip_dataset(staging, staging)
-        open(os.path.join(staging, COMPLETE_MARKER), "w").close()
-        os.replace(staging, root)  # also replaces an empty folder at root
-    finally:
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    lock_path = os.path.join(os.path.dirname(root), f".{os.path.basename(root)}.lock")
+    with _exclusive_lock(lock_path):
+        if digits_ready(root):
+            logger.info("digits dataset prepared in %s by another process", root)
+            return
+        if holds_other_data(root):
+            raise DataError(f"{root} is not empty and holds no prepared digits dataset (no {COMPLETE_MARKER} "
+                            "file). Remove it or prepare the digits into another folder.")
+        # Whatever an interrupted preparation left in the staging folder is discarded; under the lock no
+        # other process is writing there.
+        staging = f"{root}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        try:
+            counts = _write_folders(staging)
+            make_zip_dataset(staging, staging)
+            open(os.path.join(staging, COMPLETE_MARKER), "w").close()
+            os.replace(staging, root)  # also replaces an empty folder at root
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        # Removed only once the dataset is complete: a process still waiting on this file then finds it
+        # ready, while after a failure the next preparation must queue on the same file.
+        os.remove(lock_path)
     logger.info("prepared the digits dataset in %s: %d train and %d val images", root, counts[0], counts[1])
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: str) -> Iterator[None]:
+    """Holds an exclusive advisory lock on ``path`` (created if needed), waiting for it if another process
+    holds it. The operating system releases it when the process ends in any way."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _write_folders(root: str) -> Tuple[int, int]:

@@ -344,3 +344,42 @@ def test_evaluation_with_unreadable_images_is_the_same_with_1_and_2_processes(tm
     assert one["count"] == two["count"] == 7 and one["unreadable"] == two["unreadable"] == 3
     assert one["acc1"] == two["acc1"] and one["acc5"] == two["acc5"]
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-6)
+
+
+# ----- the digits demo set and your own data -----
+
+def test_demo_config_on_your_own_folder_uses_it_as_it_is(tmp_path, caplog):
+    root = make_folder_dataset(tmp_path / "mine")
+    before = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
+    with caplog.at_level(logging.INFO):
+        loaders = build_loader(make_config(root, DATA__PREPARE_DIGITS=True))
+    assert len(loaders.train_dataset) == 7 and loaders.class_names == ["cat", "dog", "emu"]
+    assert sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files) == before
+    assert "holds other data than the digits demo set; using it as it is" in caplog.text
+    assert not os.path.exists(f"{root}.tmp")
+
+
+@pytest.mark.slow
+def test_two_first_time_preparations_at_once_both_succeed(tmp_path):
+    root = tmp_path / "datasets" / "digits"
+    script = f"import sys; sys.path.insert(0, {REPO!r}); from data.digits import prepare_digits; " \
+             f"prepare_digits({str(root)!r})"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    config = make_config(root, num_classes=10)
+    assert (len(build_dataset(True, config)), len(build_dataset(False, config))) == (1497, 300)
+    assert sorted(os.listdir(tmp_path / "datasets")) == ["digits"]  # no staging folder, no lock file left
+
+
+@pytest.mark.slow
+def test_demo_command_trains_on_your_own_folder(tmp_path):
+    root = make_folder_dataset(tmp_path / "mine", train={"cat": 4, "dog": 4, "emu": 4})
+    result = run_main(["--cfg", DEMO, "--data-path", root, "--output", str(tmp_path / "out"), "--batch-size", "4",
+                       "--opts", "MODEL.NUM_CLASSES", "3", "TRAIN.EPOCHS", "1"] + TINY)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(tmp_path / "out" / "swin_micro_digits" / "default" / "metrics.jsonl") as f:
+        assert json.loads(f.readline())["val_count"] == 4
+    assert sorted(os.listdir(root)) == ["train", "val"]
