@@ -5,9 +5,9 @@ unreadable images: each one is logged with its path, counted, and, for training,
 readable image (index + 1, + 2, ...), so a run survives a few broken files. For evaluation
 (``replace_unreadable`` False) it is left out instead: its item carries the label
 :func:`unreadable_label` of its index, which ``engine.validate`` recognises, so that no image is counted
-twice. Counts are per process (each DataLoader worker counts what it reads). The run stops with :class:`DataError` once at least
-:data:`MIN_BAD_TO_STOP` images were unreadable and they are more than ``max_bad_fraction`` of the images
-read; ``max_bad_fraction`` 0 stops at the first unreadable image.
+twice. Counts are per process (each DataLoader worker counts what it reads). The run stops with
+:class:`DataError` once at least :data:`MIN_BAD_TO_STOP` images were unreadable and they are more than
+``max_bad_fraction`` of the images read; ``max_bad_fraction`` 0 stops at the first unreadable image.
 """
 import contextlib
 import io
