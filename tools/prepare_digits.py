@@ -3,7 +3,9 @@
     python tools/prepare_digits.py [--root datasets/digits]
 
 The root receives both layouts: train/<digit>/*.jpg and val/<digit>/*.jpg (32x32 RGB JPEGs, 1,497 / 300
-images) and train.zip, val.zip, train_map.txt, val_map.txt. Does nothing if the root is already complete.
+images) and train.zip, val.zip, train_map.txt, val_map.txt. Does nothing if the root is already complete; runs
+on the same root at once take turns. A root holding other files, or one that cannot be written, ends with a
+one-line message and exit status 2.
 """
 import argparse
 import logging
@@ -22,9 +24,9 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         prepare_digits(args.root)
-    except DataError as error:
-        logging.error("%s", error)
-        return 1
+    except (DataError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
