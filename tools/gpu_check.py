@@ -779,17 +779,17 @@ def run_step(step: Step, shared: Shared) -> Dict[str, Any]:
 
 
 def run_steps(args: argparse.Namespace) -> int:
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA device is visible; on a machine without a GPU run --device cpu --smoke",
-              file=sys.stderr)
-        return 2
     names = [s.name for s in STEPS]
     selected = args.only.split(",") if args.only else names
     unknown = [name for name in selected if name not in names]
     if unknown:
         print(f"error: unknown step(s) {', '.join(unknown)}; the steps are {', '.join(names)}", file=sys.stderr)
+        return 2
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device is visible; on a machine without a GPU run --device cpu --smoke",
+              file=sys.stderr)
         return 2
     jobs = args.jobs or (2 if args.smoke and args.device == "cpu" else 1)
     os.makedirs(args.out, exist_ok=True)
