@@ -239,11 +239,11 @@ def load_pretrained(config, model: torch.nn.Module) -> None:
     logger.info("pretrained weights from %s: %s", path, report.summary())
 
 
-# Keys that shape the model's weights: a checkpoint trained with other values cannot be continued.
-# MODEL.SWIN.ATTN_IMPL only picks how attention is computed (same weights, same outputs). TRAIN.OBJECTIVE picks a
-# SimMIM model or a classifier.
-ARCHITECTURE_KEYS = ("MODEL.TYPE", "MODEL.NUM_CLASSES", "MODEL.SWIN.", "TRAIN.OBJECTIVE")
-ARCHITECTURE_EXEMPT = ("MODEL.SWIN.ATTN_IMPL",)
+# Keys that shape the model's weights: a checkpoint trained with other values cannot be continued. Besides
+# these, every key of the model family's own section (MODEL.SWIN, MODEL.SWINV2 or MODEL.SWIN_MLP) but ATTN_IMPL,
+# which only picks how attention is computed (same weights, same outputs). TRAIN.OBJECTIVE picks a SimMIM model
+# or a classifier.
+ARCHITECTURE_KEYS = ("MODEL.TYPE", "MODEL.NUM_CLASSES", "TRAIN.OBJECTIVE")
 # Keys that decide the optimizer's kind or its parameter groups.
 OPTIMIZER_KEYS = ("TRAIN.OPTIMIZER.NAME", "TRAIN.LAYER_DECAY")
 
@@ -275,8 +275,13 @@ def config_changes(saved_yaml: Optional[str], config) -> Dict[str, Tuple[Any, An
     return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
 
 
-def _is_architecture_key(key: str) -> bool:
-    return key.startswith(ARCHITECTURE_KEYS) and key not in ARCHITECTURE_EXEMPT
+def _is_architecture_key(key: str, config) -> bool:
+    from config import MODEL_SECTIONS
+
+    section = f"MODEL.{MODEL_SECTIONS.get(config.MODEL.TYPE, 'SWIN')}."
+    if key.startswith(section):
+        return not key.endswith(".ATTN_IMPL")
+    return key in ARCHITECTURE_KEYS
 
 
 def _cannot_continue(path: str, config, key: str, old: Any, new: Any, why: str) -> CheckpointError:
@@ -323,7 +328,7 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Dict[str, Any], path:
     from models.state_dict import drop_derived_buffers, is_timm_layout, load_state_dict_checked, timm_to_ours
 
     for key, (old, new) in config_changes(checkpoint.get("config"), config).items():
-        if _is_architecture_key(key) and old is not None:
+        if _is_architecture_key(key, config) and old is not None:
             raise _cannot_continue(path, config, key, old, new, "its weights do not fit this model")
     if checkpoint.get("sharded_dir"):
         load_sharded_weights(model, checkpoint["sharded_dir"], "model")
@@ -403,7 +408,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: Dict[str, Any], 
     if saved_sizes != sizes:
         why = (f"it splits the parameters into {len(sizes)} optimizer groups where the checkpoint has "
                f"{len(saved_sizes)}, so the optimizer's state cannot be matched to the parameters")
-        for key in (k for k in changes if k in OPTIMIZER_KEYS or _is_architecture_key(k)):
+        for key in (k for k in changes if k in OPTIMIZER_KEYS or _is_architecture_key(k, config)):
             raise _cannot_continue(path, config, key, *changes[key], why)
         raise CheckpointError(f"cannot resume from {path}: {why}. Start a new run with --tag NEW_NAME (or "
                               "--opts TRAIN.AUTO_RESUME False)")

@@ -229,3 +229,17 @@ def test_non_finite_loss_before_any_checkpoint_does_not_claim_one_is_intact(digi
     error = capsys.readouterr().err
     assert "non-finite loss" in error and "No checkpoint was saved yet" in error, error
     assert "intact" not in error and "none saved yet" not in error
+
+
+@pytest.mark.parametrize("model_type, key, expected", [
+    ("swin", "MODEL.SWIN.DEPTHS", True), ("swin", "MODEL.SWIN.ATTN_IMPL", False),
+    ("swinv2", "MODEL.SWINV2.WINDOW_SIZE", True), ("swinv2", "MODEL.SWINV2.ATTN_IMPL", False),
+    ("swinv2", "MODEL.SWIN.DEPTHS", False),  # another family's section does not shape this model
+    ("swin_mlp", "MODEL.SWIN_MLP.EMBED_DIM", True), ("swin_mlp", "MODEL.TYPE", True),
+    ("swin", "TRAIN.EPOCHS", False),
+])
+def test_architecture_keys_follow_the_model_family(model_type, key, expected):
+    from checkpoint import _is_architecture_key
+    from config import load_config
+
+    assert _is_architecture_key(key, load_config(None, opts=["MODEL.TYPE", model_type])) is expected
