@@ -537,9 +537,15 @@ def load_config(path: Optional[str] = None, opts: Iterable[str] = (), args: Any 
     config = get_defaults()
     if path:
         merge_file(config, path)
+    file_data_path = config.DATA.DATA_PATH
     if args is not None:
         merge_args(config, args)
     merge_opts(config, list(opts))
+    # The demo set is prepared only in the config file's own folder: a run pointed at another folder from the
+    # command line trains on that folder, and a mistyped path fails instead of filling up with digits.
+    command_line_keys = (list(opts) + list(getattr(args, "opts", None) or []))[0::2]
+    if config.DATA.DATA_PATH != file_data_path and "DATA.PREPARE_DIGITS" not in command_line_keys:
+        config.DATA.PREPARE_DIGITS = False
     return finalize(config, world_size)
 
 

@@ -383,3 +383,15 @@ def test_demo_command_trains_on_your_own_folder(tmp_path):
     with open(tmp_path / "out" / "swin_micro_digits" / "default" / "metrics.jsonl") as f:
         assert json.loads(f.readline())["val_count"] == 4
     assert sorted(os.listdir(root)) == ["train", "val"]
+
+
+def test_demo_config_pointed_at_a_missing_folder_does_not_write_digits_there(tmp_path, capsys):
+    """A mistyped --data-path with the demo config stops naming the folder; no digits are written into it."""
+    import main as driver
+
+    missing = tmp_path / "my_flowers_typo"
+    code = driver.cli(["--cfg", os.path.join(REPO, "configs", "demo", "swin_micro_digits.yaml"), "--data-path",
+                       str(missing), "--output", str(tmp_path / "out"), "--opts", "MODEL.NUM_CLASSES", "3"])
+    assert code == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not missing.exists()
