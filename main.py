@@ -120,7 +120,8 @@ def run_throughput(config: CfgNode, device: torch.device) -> None:
                        lr_scheduler=build_scheduler(config, optimizer, 1000),
                        scaler=torch.amp.GradScaler(device.type) if precision.needs_scaler else None,
                        model_ema=model_ema, clip_grad=config.TRAIN.CLIP_GRAD,
-                       accumulation_steps=config.TRAIN.ACCUMULATION_STEPS, objective=build_objective(config))
+                       accumulation_steps=config.TRAIN.ACCUMULATION_STEPS,
+                       objective=build_objective(config, build_criterion(config, mixup=False)))
     result = throughput(parts, images, targets, device, precision)
     if device.type == "cuda":
         memory = "peak memory: inference %.0f MB, training %.0f MB" % (result["inference_peak_memory_mb"],
