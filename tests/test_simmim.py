@@ -7,7 +7,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -284,9 +283,7 @@ def test_pretraining_resumes_exactly_after_a_kill(digits_root, tmp_path):
     resumed_dir = tmp_path / "killed" / run
     process = kill_when_logged(command(tmp_path / "killed"), resumed_dir / "log_rank0.txt", step)
     assert process.wait(timeout=60) == -signal.SIGKILL
-    # The killed run's loader workers inherited its run.lock descriptor; they notice the parent's death within
-    # torch's 5 s status check and exit, which releases the lock.
-    time.sleep(6)
+    # No wait: the run lock is a POSIX record lock, which the killed run's loader workers do not inherit.
     result = run_to_end(command(tmp_path / "killed"))
     assert "continuing at epoch" in result.stdout
     assert len(losses(resumed_dir / "log_rank0.txt")) == 2 * 23
