@@ -165,8 +165,10 @@ def _lock_file(path: str) -> Optional[int]:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # A POSIX record lock, not flock(): it belongs to this process alone, so the loader workers it forks
+            # do not inherit it and cannot keep a killed run's folder locked while they wind down.
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held by another process
             os.close(fd)
             return None
         # A holder that ended between our open and our lock has removed the file we locked; a third run may
@@ -191,10 +193,11 @@ def _lock_holder(path: str) -> str:
 def run_lock(output_dir: str, rank: int = 0) -> Iterator[None]:
     """Holds ``output_dir`` for one run: a second run on the same folder stops at once, naming the holder.
 
-    The lock is an advisory ``flock`` on ``output_dir/run.lock``, so the operating system releases it when
-    its process ends in any way: a killed run never leaves the folder locked. The file names the holder
-    (pid, host, start time) and is removed when the run ends. Under ``torchrun`` only rank 0 takes the lock
-    (one per job) and every rank learns the outcome, so they all stop together. Call it on every rank.
+    The lock is an advisory POSIX lock (``lockf``) on ``output_dir/run.lock``, so the operating system
+    releases it when its process ends in any way: a killed run never leaves the folder locked, and forked
+    children (loader workers) do not hold it. The file names the holder (pid, host, start time) and is
+    removed when the run ends. Under ``torchrun`` only rank 0 takes the lock (one per job) and every rank
+    learns the outcome, so they all stop together. Call it on every rank; one process holds a folder once.
 
     Raises:
         ConfigError: another process holds the folder.

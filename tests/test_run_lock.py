@@ -1,4 +1,5 @@
 """One run per output folder: a second run stops at once naming the holder; a killed holder frees the folder."""
+import contextlib
 import os
 import re
 import signal
@@ -16,24 +17,49 @@ DEMO = os.path.join(REPO, "configs", "demo", "swin_micro_digits.yaml")
 RUN = os.path.join("swin_micro_digits", "default")
 
 
-def test_second_holder_in_the_same_process_is_refused_and_the_lock_is_released(tmp_path):
+TRY_LOCK = "import sys\nfrom utils import run_lock\nwith run_lock(sys.argv[1]):\n    print('locked')\n"
+
+
+def try_lock(folder):
+    """Another process's attempt to hold ``folder``: its stdout and stderr."""
+    result = subprocess.run([sys.executable, "-c", TRY_LOCK, str(folder)], cwd=REPO, capture_output=True, text=True,
+                            env=environment(), timeout=120)
+    return result.stdout + result.stderr
+
+
+def test_a_held_folder_is_refused_naming_the_holder_and_freed_at_the_end(tmp_path):
     with run_lock(str(tmp_path)):
         holder = f"pid {os.getpid()} on host {socket.gethostname()}"
-        with pytest.raises(ConfigError, match=rf"output folder {tmp_path} is in use by another run: {holder}, "
-                                              r"started \S+ \(lock file run.lock\); wait for it to end, or give "
-                                              r"another --tag or --output"):
-            with run_lock(str(tmp_path)):
-                pass
+        assert re.search(rf"ConfigError: the output folder {tmp_path} is in use by another run: {holder}, started "
+                         r"\S+ \(lock file run.lock\); wait for it to end, or give another --tag or --output",
+                         try_lock(tmp_path)), try_lock(tmp_path)
         assert (tmp_path / RUN_LOCK).exists()
     assert not (tmp_path / RUN_LOCK).exists(), "a run that ended left its lock file behind"
-    with run_lock(str(tmp_path)):
-        pass
+    assert try_lock(tmp_path).strip() == "locked"
+
+
+def test_forked_children_of_a_killed_holder_do_not_keep_the_lock(tmp_path):
+    """Loader workers are forked from the run; when the run is killed they live on for a few seconds."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time\nfrom utils import run_lock\nwith run_lock(sys.argv[1]):\n"
+                               "    child = os.fork()\n    if child == 0:\n        time.sleep(120)\n        os._exit(0)\n"
+                               "    print(child, flush=True)\n    time.sleep(120)\n", str(tmp_path)],
+        cwd=REPO, env=environment(), stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        assert "in use by another run" in try_lock(tmp_path)
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        os.kill(child, 0)  # the forked child still lives
+        assert try_lock(tmp_path).strip() == "locked"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_only_rank_0_takes_the_lock(tmp_path):
-    with run_lock(str(tmp_path)):
-        with run_lock(str(tmp_path), rank=1):  # not distributed here: another rank of the same job
-            pass
+    with run_lock(str(tmp_path), rank=1):  # not distributed here: stands for another rank of a job
+        assert try_lock(tmp_path).strip() == "locked"
 
 
 def driver(output, data, *flags):
