@@ -189,17 +189,23 @@ class Context:
     def run(self, command: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
         """Runs ``command`` in the repository with stdout and stderr together, up to the step's deadline."""
         started = time.time()
+        # A session of its own, so that a timeout also ends what it started (torchrun's workers, loader workers).
+        process = subprocess.Popen(list(command), cwd=REPO, env=self.env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            result = subprocess.run(list(command), cwd=REPO, env=self.env(), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, timeout=self.remaining())
-        except subprocess.TimeoutExpired as error:
-            text = error.stdout.decode(errors="replace") if isinstance(error.stdout, bytes) else (error.stdout or "")
-            self._record(command, text, f"killed at the step's time limit after {time.time() - started:.0f} s")
+            output, _ = process.communicate(timeout=self.remaining())
+        except (subprocess.TimeoutExpired, StepFailed):
+            stop(process)
+            try:
+                output, _ = process.communicate(timeout=10)
+            except subprocess.TimeoutExpired as error:  # an orphan still holds the pipe: keep what came
+                output = error.stdout.decode(errors="replace") if isinstance(error.stdout, bytes) else ""
+            self._record(command, output, f"killed at the step's time limit after {time.time() - started:.0f} s")
             raise StepFailed(f"timed out after {time.time() - started:.0f} s: {shlex.join(command)}") from None
-        self._record(command, result.stdout, f"exit status {result.returncode} after {time.time() - started:.1f} s")
-        if check and result.returncode != 0:
-            raise StepFailed(f"exit status {result.returncode}: {shlex.join(command)}")
-        return result
+        self._record(command, output, f"exit status {process.returncode} after {time.time() - started:.1f} s")
+        if check and process.returncode != 0:
+            raise StepFailed(f"exit status {process.returncode}: {shlex.join(command)}")
+        return subprocess.CompletedProcess(list(command), process.returncode, output)
 
     def run_killed(self, command: Sequence[str], log_file: str, kill_at: tuple) -> None:
         """Starts ``command`` and SIGKILLs it once ``log_file`` shows a progress line at or after (epoch, batch)."""
@@ -217,19 +223,31 @@ class Context:
                         note = f"exit status {process.returncode} before it could be killed"
                         break
                     if time.time() > self.deadline:
-                        os.kill(process.pid, signal.SIGKILL)
-                        process.wait()
                         note = "killed at the step's time limit"
                         break
                     time.sleep(0.02)
             finally:
                 if process.poll() is None:
-                    os.kill(process.pid, signal.SIGKILL)
-                    process.wait()
+                    stop(process)
             sink.seek(0)
             self._record(command, sink.read(), note)
         if not note.startswith("SIGKILL"):
             raise StepFailed(f"the run to be killed: {note}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Ends ``process`` and its process group: SIGTERM first, which torchrun passes on to its workers (they run in
+    sessions of their own), then SIGKILL after 10 s."""
+    for signal_number, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, signal_number)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def progress_reached(log_file: str, position: tuple) -> bool:
