@@ -294,50 +294,51 @@ def _log_progress(parts: TrainParts, state: EpochState, batch: int, total: int, 
 
 
 @torch.no_grad()
+@torch.no_grad()
 def validate(model: nn.Module, data_loader: Iterable, device: torch.device, precision: Precision,
-             expected_total: int, print_freq: int = 0) -> Dict[str, float]:
-    """Exact top-1 / top-5 accuracy and mean loss over the readable images of the whole validation set.
+             expected_total: int, print_freq: int = 0, objective: Optional[Any] = None) -> Dict[str, float]:
+    """Exact validation over the readable images of the whole validation set: for classification (the default
+    objective) top-1 / top-5 accuracy and mean loss, for SimMIM the mean reconstruction loss.
 
-    Each process evaluates its own shard (no padding); integer counts and the loss sum are added up
-    across processes, so the result is the same for any number of processes. An item whose label is
+    Each process evaluates its own shard (no padding); the objective's per-batch sums and the image counts are
+    added up across processes, so the result is the same for any number of processes. An item whose label is
     negative stands for an unreadable image (see ``data.datasets.unreadable_label``): it is left out of the
     figures, counted, and named in a warning (paths from ``data_loader.dataset.image_path`` when it has one).
 
+    Args:
+        objective: what a batch is and what is measured (objectives.py); None: classification.
+
     Returns:
-        acc1, acc5 and loss over the ``count`` images evaluated; ``unreadable``, the images left out.
+        The objective's figures over the ``count`` images evaluated; ``unreadable``, the images left out.
 
     Raises:
         RuntimeError: the images evaluated plus those left out differ from ``expected_total``.
         DataError: no validation image could be read.
     """
+    if objective is None:
+        from objectives import ClassificationObjective
+
+        objective = ClassificationObjective(criterion=None)
     model.eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    # correct@1, correct@5, loss sum, images evaluated, images left out
-    counts = torch.zeros(5, device=device, dtype=torch.float64)
+    names = objective.eval_sum_names
+    sums = torch.zeros(len(names), device=device, dtype=torch.float64)
+    counts = torch.zeros(2, device=device, dtype=torch.float64)  # images evaluated, images left out
     unreadable: List[int] = []  # this process's image indices
     for index, (images, targets) in enumerate(data_loader):
         readable = targets >= 0  # still on the host: no device sync
         if not bool(readable.all()):
             unreadable += [unreadable_index(label) for label in targets[~readable].tolist()]
-            images, targets = images[readable], targets[readable]
+            images, targets = objective.select(images, readable), targets[readable]
         if len(targets):
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
+            images, targets = objective.to_device(images, targets, device)
             with precision.autocast(device):
-                logits = model(images)
-            logits = logits.float()
-            topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits = topk == targets[:, None]
-            counts[0] += hits[:, :1].sum()
-            counts[1] += hits.sum()
-            counts[2] += criterion(logits, targets)
-            counts[3] += targets.shape[0]
+                sums += objective.eval_sums(model, images, targets)
+            counts[0] += len(targets)
         if print_freq and (index + 1) % print_freq == 0:
             logger.info("Test: [%d/%d]", index + 1, len(data_loader))
-    counts[4] += len(unreadable)
-    all_reduce_sum(counts)
-    correct1, correct5, loss_sum, total, left_out = counts.tolist()
-    total, left_out = int(total), int(left_out)
+    counts[1] += len(unreadable)
+    totals = all_reduce_sum(torch.cat([sums, counts])).tolist()
+    total, left_out = int(totals[-2]), int(totals[-1])
     if total + left_out != expected_total:
         left = f" and left out {left_out} unreadable ones" if left_out else ""
         raise RuntimeError(f"evaluated {total} images{left} but the validation set has {expected_total}: the "
@@ -347,11 +348,8 @@ def validate(model: nn.Module, data_loader: Iterable, device: torch.device, prec
     if total == 0:
         raise DataError(f"none of the {expected_total} validation images could be read (the warnings above name "
                         "them); replace or delete the broken files")
-    metrics = {"acc1": 100.0 * correct1 / total, "acc5": 100.0 * correct5 / total, "loss": loss_sum / total,
-               "count": total, "unreadable": left_out}
-    # Users' log parsers read this exact line.
-    logger.info(" * Acc@1 %.3f Acc@5 %.3f", metrics["acc1"], metrics["acc5"])
-    return metrics
+    metrics = objective.eval_metrics(dict(zip(names, totals)), total)
+    return {**metrics, "count": total, "unreadable": left_out}
 
 
 # The unreadable validation images a summary names; the per-image warnings name them all.

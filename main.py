@@ -21,7 +21,7 @@ from yacs.config import CfgNode
 
 import config as cfg_lib
 from config import ConfigError
-from engine import EpochState, NonFiniteLossError, Precision, TrainParts, throughput, train_one_epoch
+from engine import EpochState, NonFiniteLossError, Precision, TrainParts, throughput, train_one_epoch, validate
 from objectives import build_objective
 from logger import setup_logging
 from lr_scheduler import build_scheduler
@@ -180,8 +180,8 @@ def evaluate_only(config: CfgNode, model: nn.Module, loaders, device: torch.devi
     else:
         logger.info("evaluating %s", weights)
     objective = build_objective(config)
-    metrics = objective.validate(model, loaders.val_loader, device, build_precision(config, evaluation=True),
-                                 len(loaders.val_dataset), config.PRINT_FREQ)
+    metrics = validate(model, loaders.val_loader, device, build_precision(config, evaluation=True),
+                       len(loaders.val_dataset), config.PRINT_FREQ, objective=objective)
     if objective.name == "classification":
         logger.info("accuracy of the network on the %d test images: acc@1 %.3f%% acc@5 %.3f%% loss %.4f",
                     metrics["count"], metrics["acc1"], metrics["acc5"], metrics["loss"])
@@ -267,7 +267,8 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
                 advice = ("No checkpoint was saved yet: rerun (with the changes above) to start again from the "
                           "beginning.")
             raise NonFiniteLossError(f"{error} {advice}") from error
-        metrics = objective.validate(model, loaders.val_loader, device, eval_precision, len(loaders.val_dataset))
+        metrics = validate(model, loaders.val_loader, device, eval_precision, len(loaders.val_dataset),
+                           objective=objective)
         # The best figure is kept as "max accuracy"; for SimMIM it is minus the reconstruction loss.
         score = objective.score(metrics)
         is_best = score > state.max_accuracy
@@ -281,8 +282,8 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
                   **({"max_acc1": state.max_accuracy} if objective.higher_is_better
                      else {"best_loss": -state.max_accuracy})}
         if model_ema is not None:
-            ema_metrics = objective.validate(model_ema.module, loaders.val_loader, device, eval_precision,
-                                             len(loaders.val_dataset))
+            ema_metrics = validate(model_ema.module, loaders.val_loader, device, eval_precision,
+                                   len(loaders.val_dataset), objective=objective)
             record.update({f"ema_{k}": v for k, v in ema_metrics.items()})
         logger.info("%s", objective.summary(metrics, state.max_accuracy))
         for key in [k for k in ("acc1", "acc5", "loss") if k in metrics]:

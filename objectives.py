@@ -6,17 +6,15 @@ logging) and the driver (``main.train``) are the same for both; they ask the obj
 validation measures, and which validation figure makes a checkpoint the best.
 """
 import logging
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.utils import make_grid
 
-from data.datasets import ImageDataset, unreadable_index
-from data.errors import DataError
+from data.datasets import ImageDataset
 from data.simmim import VAL_MASK_SEED
-from utils import all_reduce_sum
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +50,20 @@ class Objective:
         """The model's forward pass alone (throughput measurement)."""
         return model(images)
 
-    def validate(self, model: nn.Module, data_loader: Iterable, device: torch.device, precision,
-                 expected_total: int, print_freq: int = 0) -> Dict[str, float]:
+    # Names of the per-batch sums that validation adds up across batches and processes (see eval_sums).
+    eval_sum_names: Tuple[str, ...] = ()
+
+    def select(self, images: Batch, keep: torch.Tensor) -> Batch:
+        """The images of a batch where ``keep`` (a boolean mask of the batch) is true."""
+        return images[keep]
+
+    def eval_sums(self, model: nn.Module, images: Batch, targets: torch.Tensor) -> torch.Tensor:
+        """Validation sums of one batch, a 1-D tensor ordered as ``eval_sum_names`` (called under autocast; the
+        sums stay on the device)."""
+        raise NotImplementedError
+
+    def eval_metrics(self, sums: Dict[str, float], count: int) -> Dict[str, float]:
+        """The validation figures from the sums over the ``count`` images evaluated (logs the summary line)."""
         raise NotImplementedError
 
     def score(self, metrics: Dict[str, float]) -> float:
@@ -85,11 +95,20 @@ class ClassificationObjective(Objective):
     def loss(self, model: nn.Module, images: Batch, targets: torch.Tensor) -> torch.Tensor:
         return self.criterion(model(images), targets)
 
-    def validate(self, model: nn.Module, data_loader: Iterable, device: torch.device, precision,
-                 expected_total: int, print_freq: int = 0) -> Dict[str, float]:
-        from engine import validate  # engine builds its default objective from this module
+    eval_sum_names = ("correct1", "correct5", "loss")
 
-        return validate(model, data_loader, device, precision, expected_total, print_freq)
+    def eval_sums(self, model: nn.Module, images: Batch, targets: torch.Tensor) -> torch.Tensor:
+        logits = model(images).float()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
+        loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+        return torch.stack([hits[:, :1].sum().to(loss.dtype), hits.sum().to(loss.dtype), loss])
+
+    def eval_metrics(self, sums: Dict[str, float], count: int) -> Dict[str, float]:
+        metrics = {"acc1": 100.0 * sums["correct1"] / count, "acc5": 100.0 * sums["correct5"] / count,
+                   "loss": sums["loss"] / count}
+        # Users' log parsers read this exact line.
+        logger.info(" * Acc@1 %.3f Acc@5 %.3f", metrics["acc1"], metrics["acc5"])
+        return metrics
 
     def summary(self, metrics: Dict[str, float], best: float) -> str:
         return (f"accuracy of the network on the {metrics['count']} test images: {metrics['acc1']:.2f}%; "
@@ -117,48 +136,21 @@ class SimMIMObjective(Objective):
     def infer(self, model: nn.Module, images: Batch) -> torch.Tensor:
         return model(*images)
 
-    @torch.no_grad()
-    def validate(self, model: nn.Module, data_loader: Iterable, device: torch.device, precision,
-                 expected_total: int, print_freq: int = 0) -> Dict[str, float]:
-        """The mean masked-L1 loss per image over the whole validation set, the same for any number of processes.
+    # Every image has the same number of masked squares, so a batch's loss is the mean of its images' losses, and
+    # the loss times the batch size is the batch's sum.
+    eval_sum_names = ("loss",)
 
-        Every image has the same number of masked squares, so a batch's loss is the mean of its images' losses;
-        batch losses are weighted by their image counts and summed across processes. Unreadable images (negative
-        labels) are left out and counted.
+    def select(self, images: Batch, keep: torch.Tensor) -> Batch:
+        pixels, masks = images
+        return pixels[keep], masks[keep]
 
-        Raises:
-            RuntimeError: the images evaluated plus those left out differ from ``expected_total``.
-            DataError: no validation image could be read.
-        """
-        model.eval()
-        counts = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, images evaluated, left out
-        for index, ((pixels, masks), targets) in enumerate(data_loader):
-            readable = targets >= 0
-            if not bool(readable.all()):
-                for label in targets[~readable].tolist():
-                    logger.warning("validation image %d is unreadable; left out", unreadable_index(label))
-                pixels, masks = pixels[readable], masks[readable]
-                counts[2] += int((~readable).sum())
-            if len(pixels):
-                pixels = pixels.to(device, non_blocking=True)
-                masks = masks.to(device, non_blocking=True)
-                with precision.autocast(device):
-                    loss = model(pixels, masks)
-                counts[0] += loss.double() * len(pixels)
-                counts[1] += len(pixels)
-            if print_freq and (index + 1) % print_freq == 0:
-                logger.info("Test: [%d/%d]", index + 1, len(data_loader))
-        all_reduce_sum(counts)
-        loss_sum, total, left_out = counts.tolist()
-        total, left_out = int(total), int(left_out)
-        if total + left_out != expected_total:
-            raise RuntimeError(f"evaluated {total} images (and left out {left_out}) but the validation set has "
-                               f"{expected_total}: the evaluation sampler must cover each image exactly once")
-        if total == 0:
-            raise DataError(f"none of the {expected_total} validation images could be read; replace or delete the "
-                            "broken files")
-        metrics = {"loss": loss_sum / total, "count": total, "unreadable": left_out}
-        logger.info(" * Reconstruction loss %.4f (masked L1 over %d images)", metrics["loss"], total)
+    def eval_sums(self, model: nn.Module, images: Batch, targets: torch.Tensor) -> torch.Tensor:
+        pixels, masks = images
+        return (model(pixels, masks).double() * len(pixels)).reshape(1)
+
+    def eval_metrics(self, sums: Dict[str, float], count: int) -> Dict[str, float]:
+        metrics = {"loss": sums["loss"] / count}
+        logger.info(" * Reconstruction loss %.4f (masked L1 over %d images)", metrics["loss"], count)
         return metrics
 
     def log_images(self, model: nn.Module, val_dataset: ImageDataset, writer, step: int) -> None:
