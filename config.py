@@ -388,9 +388,9 @@ def _check(config: CN) -> None:
 
 def _model_types() -> list:
     """The registered ``MODEL.TYPE`` names; imported here so that importing this module stays light."""
-    from models import build
+    from models.build import registered_model_types
 
-    return sorted(build._BUILDERS)
+    return registered_model_types()
 
 
 # MODEL.TYPE -> the MODEL section that holds the family's architecture keys.

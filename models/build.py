@@ -25,6 +25,11 @@ def register_model(model_type: str) -> Callable:
     return wrap
 
 
+def registered_model_types() -> list:
+    """The values ``MODEL.TYPE`` may take, sorted."""
+    return sorted(_BUILDERS)
+
+
 def build_model(config: CfgNode) -> nn.Module:
     """The model named by ``config.MODEL.TYPE``, randomly initialised; with ``TRAIN.OBJECTIVE simmim``, the SimMIM
     model on that family's encoder (``forward(images, mask)`` returns the loss)."""
