@@ -454,6 +454,7 @@ def step_throughput(ctx: Context, name: str) -> Dict[str, Any]:
         raise StepFailed("main.py --throughput wrote no throughput.json")
     result = read_json(found[0])
     result["config"] = os.path.relpath(arguments[arguments.index("--cfg") + 1], REPO)
+    result["arguments"] = [os.path.relpath(a, REPO) if a.startswith(REPO) else a for a in ctx.sizes.throughput[name]]
     result["summary"] = (f"{result['precision']}, batch {result['batch_size']}: inference "
                          f"{result['inference_images_per_second']:.1f} img/s, training "
                          f"{result['train_images_per_second']:.1f} img/s")
@@ -580,7 +581,7 @@ def device_name(device) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({platform.processor() or platform.machine()}, threads: {torch.get_num_threads()})"
 
 
 def torchrun_worker(args: argparse.Namespace, main_args: List[str]) -> int:
@@ -711,7 +712,8 @@ def render_bench_window(details: Dict[str, Any]) -> List[str]:
     for row in details["results"]:
         compiled = f"{row['compiled_ms']:.3f}" if "compiled_ms" in row else "-"
         lines.append(f"| {row['shape']} | {row['dtype']} | {row['fused_ms']:.3f} | {row['eager_ms']:.3f} | "
-                     f"{compiled} | {row['speedup_vs_eager']:.2f}x | {row['fused_GBps']:.1f} | {row['copy_GBps']:.1f} |")
+                     f"{compiled} | {row['speedup_vs_eager']:.2f}x | {row['fused_GBps']:.1f} | "
+                     f"{row['copy_GBps']:.1f} |")
     return lines
 
 
@@ -725,15 +727,20 @@ def render_bench_model(details: Dict[str, Any]) -> List[str]:
     for row in details["results"]:
         lines.append(f"| {row['setting']} | {row['mode']} | {row['ours_images_per_second']:.1f} | "
                      f"{row['timm_images_per_second']:.1f} | {row['ratio']:.2f} | {row['ours_mfu']:.1%} | "
-                     f"{row['ours_peak_mb']:.0f} / {row['timm_peak_mb']:.0f} |")
+                     f"{megabytes(row['ours_peak_mb'])} / {megabytes(row['timm_peak_mb'])} |")
     return lines
+
+
+def megabytes(value: float) -> str:
+    return "-" if value != value else f"{value:.0f}"  # NaN: not measured (--no-memory)
 
 
 def render_throughput(details: Dict[str, Any]) -> List[str]:
     memory = (f"peak memory inference {details['inference_peak_memory_mb']:.0f} MB, training "
               f"{details['train_peak_memory_mb']:.0f} MB" if details["device"].startswith("cuda")
               else f"process peak RSS {details.get('process_peak_rss_mb', 0):.0f} MB")
-    return [f"- `{details['config']}` on {details['device']}, {details['precision']}, batch {details['batch_size']}: "
+    return [f"- `main.py --throughput {' '.join(details['arguments'])}`",
+            f"- `{details['config']}` on {details['device']}, {details['precision']}, batch {details['batch_size']}: "
             f"inference {details['inference_images_per_second']:.1f} img/s, training step "
             f"{details['train_images_per_second']:.1f} img/s; {memory}"]
 
