@@ -519,11 +519,29 @@ def _restore_position(state: EpochState, checkpoint: Dict[str, Any], config, bat
                        world_size, config.TRAIN.ACCUMULATION_STEPS, state.images, images - state.images)
 
 
+def _run_state(config, lr_scheduler, scaler, state: EpochState, complete: bool, rng: List[Any]) -> Dict[str, Any]:
+    """What a training checkpoint holds besides the model, optimizer and EMA tensors: schedule, scaler, position,
+    best figure, every rank's RNG state and the config."""
+    from config import to_yaml
+
+    return {
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "max_accuracy": state.max_accuracy,
+        "epoch": state.epoch,
+        "step": state.update,
+        "complete": complete,
+        "images": state.images,
+        "world_size": get_world_size(),
+        "skipped_steps": state.skipped_total,
+        "rng": rng,
+        "config": to_yaml(config),
+    }
+
+
 def save_training_checkpoint(config, model, optimizer, lr_scheduler, scaler, model_ema, state: EpochState,
                              complete: bool, acc1: Optional[float] = None, is_best: bool = False) -> None:
     """Collective: gathers every rank's RNG state, then rank 0 writes the checkpoint atomically."""
-    from config import to_yaml
-
     if config.TRAIN.FSDP:
         save_sharded_training_checkpoint(config, model, optimizer, lr_scheduler, scaler, model_ema, state, complete,
                                          acc1, is_best)
@@ -534,18 +552,8 @@ def save_training_checkpoint(config, model, optimizer, lr_scheduler, scaler, mod
     checkpoint = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
         "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
-        "max_accuracy": state.max_accuracy,
-        "epoch": state.epoch,
-        "step": state.update,
-        "complete": complete,
-        "images": state.images,
-        "world_size": get_world_size(),
-        "skipped_steps": state.skipped_total,
-        "rng": rng,
-        "config": to_yaml(config),
+        **_run_state(config, lr_scheduler, scaler, state, complete, rng),
     }
     save_checkpoint(checkpoint, config.OUTPUT, state.epoch, state.update, complete, config.TRAIN.KEEP_CHECKPOINTS,
                     acc1, is_best)
@@ -678,18 +686,8 @@ def save_sharded_training_checkpoint(config, model, optimizer, lr_scheduler, sca
         run_state = {
             "optimizer": {"sharded": True, "param_groups": [{"params": list(range(len(group["params"])))}
                                                             for group in optimizer.param_groups]},
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
             "model_ema": model_ema is not None,
-            "max_accuracy": state.max_accuracy,
-            "epoch": state.epoch,
-            "step": state.update,
-            "complete": complete,
-            "images": state.images,
-            "world_size": get_world_size(),
-            "skipped_steps": state.skipped_total,
-            "rng": rng,
-            "config": to_yaml(config),
+            **_run_state(config, lr_scheduler, scaler, state, complete, rng),
         }
         if complete:
             atomic_torch_save({"model": released}, os.path.join(tmp, RELEASED_MODEL))

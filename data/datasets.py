@@ -198,7 +198,20 @@ class ImageDataset(Dataset):
                 f"list them), or raise the limit, e.g. --opts DATA.MAX_BAD_FRACTION 0.05.")
 
 
-class FolderDataset(ImageDataset):
+class FilesDataset(ImageDataset):
+    """Images stored as files at the paths ``self._paths``, relative to the folder ``self.root``."""
+
+    def describe(self) -> str:
+        return self.root
+
+    def image_path(self, index: int) -> str:
+        return os.path.join(self.root, self._paths[index])
+
+    def open_image(self, index: int) -> BinaryIO:
+        return open(self.image_path(index), "rb")
+
+
+class FolderDataset(FilesDataset):
     """A split folder with one sub-folder per class (``<split_dir>/<class>/<image>``).
 
     Args:
@@ -212,15 +225,6 @@ class FolderDataset(ImageDataset):
         paths, labels = scan_images(split_dir, class_names)
         self._paths = PackedStrings(paths)
         super().__init__(labels, class_names, transform, max_bad_fraction)
-
-    def describe(self) -> str:
-        return self.root
-
-    def image_path(self, index: int) -> str:
-        return os.path.join(self.root, self._paths[index])
-
-    def open_image(self, index: int) -> BinaryIO:
-        return open(self.image_path(index), "rb")
 
 
 class ZipDataset(ImageDataset):

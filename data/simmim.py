@@ -22,7 +22,7 @@ from torch.utils.data import Sampler
 from yacs.config import CfgNode
 
 from data.build import Loaders, _data_loader, _train_loader, _val_sampler
-from data.datasets import ImageDataset, Transform, ZipDataset
+from data.datasets import FilesDataset, ImageDataset, Transform, ZipDataset
 from data.errors import DataError
 from data.layout import ZIP_LAYOUT, _folder_id, _images_under, read_map_file
 from data.masking import build_simmim_transform
@@ -40,7 +40,7 @@ PRETRAIN_LAYOUT = """
     --zip: DATA_PATH/train.zip with train_map.txt (val.zip, val_map.txt optional)"""
 
 
-class UnlabelledImageFolder(ImageDataset):
+class UnlabelledImageFolder(FilesDataset):
     """Every image below ``root`` (sorted; links followed, each real folder once), all with label 0."""
 
     def __init__(self, root: str, transform: Optional[Transform] = None, max_bad_fraction: float = 0.01):
@@ -49,15 +49,6 @@ class UnlabelledImageFolder(ImageDataset):
         if not self._paths:
             raise DataError(f"no image found below {root}.\nExpected layout for pretraining:{PRETRAIN_LAYOUT}")
         super().__init__(np.zeros(len(self._paths), dtype=np.int64), ["image"], transform, max_bad_fraction)
-
-    def describe(self) -> str:
-        return self.root
-
-    def image_path(self, index: int) -> str:
-        return os.path.join(self.root, self._paths[index])
-
-    def open_image(self, index: int) -> BinaryIO:
-        return open(self.image_path(index), "rb")
 
 
 class ImageSubset(ImageDataset):
