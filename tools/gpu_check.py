@@ -294,23 +294,23 @@ def pytest_counts(output: str) -> Dict[str, int]:
     return counts
 
 
-def step_gpu_tests(ctx: Context) -> Dict[str, Any]:
-    result = ctx.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"], check=False)
+def run_pytest(ctx: Context, *arguments: str) -> Dict[str, Any]:
+    result = ctx.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *arguments], check=False)
     counts = pytest_counts(result.stdout)
     if result.returncode != 0:
-        raise StepFailed(f"pytest -m gpu: exit status {result.returncode}, {counts}")
-    if ctx.args.device == "cuda" and not counts.get("passed"):
-        raise StepFailed(f"no gpu-marked test ran on the GPU: {counts}")
+        raise StepFailed(f"pytest {' '.join(arguments)}: exit status {result.returncode}, {counts}")
     return {"counts": counts, "summary": ", ".join(f"{v} {k}" for k, v in counts.items())}
+
+
+def step_gpu_tests(ctx: Context) -> Dict[str, Any]:
+    details = run_pytest(ctx, "-m", "gpu")
+    if ctx.args.device == "cuda" and not details["counts"].get("passed"):
+        raise StepFailed(f"no gpu-marked test ran on the GPU: {details['summary']}", details)
+    return details
 
 
 def step_emulation_tests(ctx: Context) -> Dict[str, Any]:
-    result = ctx.run([sys.executable, "-m", "pytest", "tests/test_gpu_emulation.py", "-q", "-p", "no:cacheprovider"],
-                     check=False)
-    counts = pytest_counts(result.stdout)
-    if result.returncode != 0:
-        raise StepFailed(f"tests/test_gpu_emulation.py: exit status {result.returncode}, {counts}")
-    return {"counts": counts, "summary": ", ".join(f"{v} {k}" for k, v in counts.items())}
+    return run_pytest(ctx, "tests/test_gpu_emulation.py")
 
 
 def step_numerics(ctx: Context) -> Dict[str, Any]:
