@@ -41,38 +41,31 @@ def build_model(config: CfgNode) -> nn.Module:
     return _BUILDERS[model_type](config)
 
 
+def _trunk_args(config: CfgNode, section: CfgNode) -> dict:
+    """Constructor arguments every family takes: from its own config section and the shared keys."""
+    return dict(
+        img_size=config.DATA.IMG_SIZE, patch_size=section.PATCH_SIZE, in_chans=section.IN_CHANS,
+        num_classes=config.MODEL.NUM_CLASSES, embed_dim=section.EMBED_DIM, depths=section.DEPTHS,
+        num_heads=section.NUM_HEADS, window_size=section.WINDOW_SIZE, mlp_ratio=section.MLP_RATIO,
+        drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE, ape=section.APE,
+        patch_norm=section.PATCH_NORM, use_checkpoint=config.TRAIN.USE_CHECKPOINT,
+        fused_window_process=config.FUSED_WINDOW_PROCESS)
+
+
 @register_model("swin")
 def build_swin(config: CfgNode) -> SwinTransformer:
     swin = config.MODEL.SWIN
-    return SwinTransformer(
-        img_size=config.DATA.IMG_SIZE, patch_size=swin.PATCH_SIZE, in_chans=swin.IN_CHANS,
-        num_classes=config.MODEL.NUM_CLASSES, embed_dim=swin.EMBED_DIM, depths=swin.DEPTHS,
-        num_heads=swin.NUM_HEADS, window_size=swin.WINDOW_SIZE, mlp_ratio=swin.MLP_RATIO, qkv_bias=swin.QKV_BIAS,
-        qk_scale=swin.QK_SCALE, drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE,
-        ape=swin.APE, patch_norm=swin.PATCH_NORM, use_checkpoint=config.TRAIN.USE_CHECKPOINT,
-        attn_impl=swin.ATTN_IMPL, fused_window_process=config.FUSED_WINDOW_PROCESS)
+    return SwinTransformer(**_trunk_args(config, swin), qkv_bias=swin.QKV_BIAS, qk_scale=swin.QK_SCALE,
+                           attn_impl=swin.ATTN_IMPL)
 
 
 @register_model("swinv2")
 def build_swinv2(config: CfgNode) -> SwinTransformerV2:
     swin = config.MODEL.SWINV2
-    return SwinTransformerV2(
-        img_size=config.DATA.IMG_SIZE, patch_size=swin.PATCH_SIZE, in_chans=swin.IN_CHANS,
-        num_classes=config.MODEL.NUM_CLASSES, embed_dim=swin.EMBED_DIM, depths=swin.DEPTHS,
-        num_heads=swin.NUM_HEADS, window_size=swin.WINDOW_SIZE, mlp_ratio=swin.MLP_RATIO, qkv_bias=swin.QKV_BIAS,
-        drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE, ape=swin.APE,
-        patch_norm=swin.PATCH_NORM, use_checkpoint=config.TRAIN.USE_CHECKPOINT,
-        pretrained_window_sizes=swin.PRETRAINED_WINDOW_SIZES, attn_impl=swin.ATTN_IMPL,
-        fused_window_process=config.FUSED_WINDOW_PROCESS)
+    return SwinTransformerV2(**_trunk_args(config, swin), qkv_bias=swin.QKV_BIAS,
+                             pretrained_window_sizes=swin.PRETRAINED_WINDOW_SIZES, attn_impl=swin.ATTN_IMPL)
 
 
 @register_model("swin_mlp")
 def build_swin_mlp(config: CfgNode) -> SwinMLP:
-    swin = config.MODEL.SWIN_MLP
-    return SwinMLP(
-        img_size=config.DATA.IMG_SIZE, patch_size=swin.PATCH_SIZE, in_chans=swin.IN_CHANS,
-        num_classes=config.MODEL.NUM_CLASSES, embed_dim=swin.EMBED_DIM, depths=swin.DEPTHS,
-        num_heads=swin.NUM_HEADS, window_size=swin.WINDOW_SIZE, mlp_ratio=swin.MLP_RATIO,
-        drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE, ape=swin.APE,
-        patch_norm=swin.PATCH_NORM, use_checkpoint=config.TRAIN.USE_CHECKPOINT,
-        fused_window_process=config.FUSED_WINDOW_PROCESS)
+    return SwinMLP(**_trunk_args(config, config.MODEL.SWIN_MLP))
