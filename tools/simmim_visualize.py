@@ -1,7 +1,7 @@
 """Shows what a SimMIM model learned: a PNG grid of input / masked input / reconstruction for validation images.
 
     python tools/simmim_visualize.py --cfg configs/demo/simmim_pretrain_swin_micro_digits.yaml \\
-        --resume output/simmim_pretrain_swin_micro_digits/default/ckpt_epoch_29.pth --out grid.png --count 8
+        --resume output/simmim_pretrain_swin_micro_digits/default/ckpt_epoch_99.pth --out grid.png --count 8
 
 One row per image: the input, the input with its masked squares blanked, and the input with the masked squares
 filled by the model's reconstruction. The images and masks are those of validation (fixed per image), so grids
