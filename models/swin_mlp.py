@@ -8,7 +8,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from torch import nn
 
 from models.swin_transformer import PatchMerging, WindowBlock, WindowTransformer, window_partition, window_reverse
@@ -98,13 +97,3 @@ class SwinMLP(WindowTransformer):
         self._build_trunk(img_size, patch_size, in_chans, num_classes, embed_dim, depths, window_size, drop_rate,
                           drop_path_rate, ape, patch_norm, use_checkpoint, make_block, PatchMerging)
         self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        # The reference initialises the spatial MLP's convolutions like the linear layers.
-        if isinstance(module, nn.Conv1d):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        else:
-            WindowTransformer._init_weights(module)

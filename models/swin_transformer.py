@@ -562,7 +562,8 @@ class WindowTransformer(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
+        # Conv1d: Swin-MLP's spatial MLP, which the reference initialises like the linear layers.
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
             trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
