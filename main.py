@@ -30,8 +30,8 @@ from optimizer import build_optimizer
 from preemption import StopSignals, TrainingStopped, exit_status
 from checkpoint import (CheckpointError, checkpoint_name, load_eval_weights, load_pretrained, resume_candidates,
                         resume_training, save_training_checkpoint)
-from utils import (get_rank, get_world_size, init_distributed, is_main_process, run_lock, seed_everything,
-                   shutdown_distributed)
+from utils import (get_rank, get_world_size, init_distributed, is_main_process, keep_freed_memory, run_lock,
+                   seed_everything, shutdown_distributed)
 
 logger = logging.getLogger("main")
 
@@ -158,6 +158,8 @@ def run(config: CfgNode, device: torch.device, rank: int, world_size: int) -> in
                 config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR)
     if config.FUSED_LAYERNORM:
         logger.info("FUSED_LAYERNORM: torch's LayerNorm is already a single fused kernel; nothing to switch")
+    if device.type == "cpu" and keep_freed_memory():
+        logger.info("CPU run: malloc keeps freed memory for reuse (no page faults on every step; README, Performance)")
     seed_everything(config.SEED + rank)
     if config.THROUGHPUT_MODE:
         run_throughput(config, device)

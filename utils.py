@@ -1,5 +1,7 @@
 """Distributed helpers, seeding and RNG state. Checkpoints live in ``checkpoint.py``."""
 import contextlib
+import ctypes
+import ctypes.util
 import datetime
 import fcntl
 import logging
@@ -113,6 +115,31 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- seeding and RNG state
+
+# glibc's mallopt parameters (malloc.h) and its upper bound of the mmap threshold on 64-bit systems.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+
+
+def keep_freed_memory() -> bool:
+    """Asks glibc's malloc to keep freed memory for the next allocation instead of returning it to the system.
+
+    Every CPU training or evaluation step allocates and frees the same large activations. By default glibc gives
+    blocks above its (adaptive) mmap threshold back to the kernel when they are freed, and trims the free top of
+    its heap, so the next step page-faults all of that memory in again: on the 2-core machine of README
+    Performance, Swin-T bfloat16 inference ran at 23 img/s instead of 30. With the threshold fixed at its maximum
+    and no trimming, freed blocks are reused; the process keeps the memory of its peak instead of shrinking
+    between steps. Blocks over 32 MiB are still mapped and unmapped one by one.
+
+    Returns:
+        Whether the setting took effect (glibc only; elsewhere nothing changes).
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)

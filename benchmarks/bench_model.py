@@ -15,6 +15,7 @@ or configs/swinv2; the image size follows the config unless --img is given. Swin
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -32,6 +33,7 @@ sys.path.insert(0, REPO)
 from config import load_config  # noqa: E402
 from models import build_model  # noqa: E402
 from models.state_dict import ours_to_timm  # noqa: E402
+from utils import keep_freed_memory  # noqa: E402
 
 ARCHS = {
     "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
@@ -41,24 +43,43 @@ ARCHS = {
 SETTINGS = ("fp32", "bf16", "fp32-compile", "bf16-compile")
 
 
-def model_config(name: str, img_size: int, fused: bool):
-    """The frozen config of ``name`` (an ARCHS key or a config file name) with stochastic depth off."""
-    opts = ["MODEL.DROP_PATH_RATE", "0.0", "FUSED_WINDOW_PROCESS", str(fused)]
+VARIANT_PARTS = {"default": [], "fused": ["FUSED_WINDOW_PROCESS", "True"], "unfused": ["FUSED_WINDOW_PROCESS", "False"],
+                 "sdpa": ["ATTN_IMPL", "sdpa"], "explicit": ["ATTN_IMPL", "explicit"]}
+
+
+def variant_opts(variant: str, section: str) -> List[str]:
+    """Config options of one of our variants: "default" (the config's own settings), or parts of VARIANT_PARTS
+    joined by "+", such as "fused+explicit"."""
+    opts = []
+    for part in variant.split("+"):
+        if part not in VARIANT_PARTS:
+            raise SystemExit(f"--variants: {part!r} is not one of {', '.join(VARIANT_PARTS)}")
+        key_value = list(VARIANT_PARTS[part])
+        if key_value and key_value[0] == "ATTN_IMPL":
+            key_value[0] = f"MODEL.{section}.ATTN_IMPL"
+        opts += key_value
+    return opts
+
+
+def model_config(name: str, img_size: int, variant: str = "default"):
+    """The frozen config of ``name`` (an ARCHS key or a config file name) for one of our variants, with
+    stochastic depth off."""
+    opts = ["MODEL.DROP_PATH_RATE", "0.0"]
     if name in ARCHS:
         arch = ARCHS[name]
-        path = None
+        path, section = None, "SWIN"
         opts += ["MODEL.SWIN.EMBED_DIM", str(arch["embed_dim"]), "MODEL.SWIN.DEPTHS", str(list(arch["depths"])),
                  "MODEL.SWIN.NUM_HEADS", str(list(arch["num_heads"])), "DATA.IMG_SIZE", str(img_size or 224)]
     else:
-        found = [os.path.join(REPO, "configs", d, name + ".yaml") for d in ("swin", "swinv2")]
-        found = [p for p in found if os.path.exists(p)]
+        found = [(os.path.join(REPO, "configs", d, name + ".yaml"), d.upper()) for d in ("swin", "swinv2")]
+        found = [(p, section) for p, section in found if os.path.exists(p)]
         if not found:
             raise SystemExit(f"--model {name}: not one of {', '.join(ARCHS)} nor a config in configs/swin or "
                              "configs/swinv2")
-        path = found[0]
+        path, section = found[0]
         if img_size:
             opts += ["DATA.IMG_SIZE", str(img_size)]
-    return load_config(path, opts)
+    return load_config(path, opts + variant_opts(variant, section))
 
 
 def build_timm(config) -> torch.nn.Module:
@@ -73,13 +94,16 @@ def build_timm(config) -> torch.nn.Module:
     return TimmSwin(**args)
 
 
-def build_pair(name: str, img_size: int, fused: bool):
-    """Our model and timm's, with identical weights and stochastic depth off (so both do the same work)."""
-    config = model_config(name, img_size, fused)
-    ours = build_model(config)
-    timm_model = build_timm(config)
-    timm_model.load_state_dict(ours_to_timm(ours.state_dict()))
-    return ours, timm_model
+def build_models(name: str, img_size: int, variants: List[str]) -> Dict[str, torch.nn.Module]:
+    """Our model in each variant and timm's ("timm"), all with the same weights and stochastic depth off (so all
+    do the same work)."""
+    models = {}
+    for variant in variants:
+        models[variant] = build_model(model_config(name, img_size, variant))
+        models[variant].load_state_dict(models[variants[0]].state_dict())
+    models["timm"] = build_timm(model_config(name, img_size))
+    models["timm"].load_state_dict(ours_to_timm(models[variants[0]].state_dict()))
+    return models
 
 
 def synchronize(device: torch.device) -> None:
@@ -121,14 +145,19 @@ def seconds_per_call(fn: Callable[[], None], device: torch.device, iterations: i
 
 def alternate(steps: Dict[str, Callable[[], None]], device: torch.device, warmup: int, iterations: int,
               rounds: int) -> Dict[str, float]:
-    """Median seconds per call of each step, measured in alternating rounds so drift hits all alike."""
+    """Median seconds per call of each step, measured in alternating rounds so drift hits all alike. Each round
+    takes the steps in a new (seeded) random order: what runs just before a step (a training step frees memory an
+    inference step then faults in again) changes its time on a CPU by several percent."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
     times: Dict[str, List[float]] = {name: [] for name in steps}
+    order = list(steps)
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for name, fn in steps.items():
-            times[name].append(seconds_per_call(fn, device, iterations))
+        shuffle(order)
+        for name in order:
+            times[name].append(seconds_per_call(steps[name], device, iterations))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -142,10 +171,11 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def peak_memory_mb(args, which: str, setting: str, mode: str) -> float:
-    """Peak memory of one model's step: CUDA max allocated here, or the peak RSS of a child process on CPU."""
+    """Peak memory of one model's step (``which``: one of our variants, or "timm"): CUDA max allocated, or the
+    peak RSS, of a child process that runs only that model."""
     command = [sys.executable, os.path.abspath(__file__), "--child", which, "--child-setting", setting,
                "--child-mode", mode, "--model", args.model, "--batch", str(args.batch), "--img", str(args.img),
-               "--device", args.device] + (["--no-fused"] if args.no_fused else [])
+               "--device", args.device] + (["--system-malloc"] if args.system_malloc else [])
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 
@@ -154,8 +184,12 @@ def run_child(args) -> None:
     """Measures one model's peak memory over a few steps and prints it (MB): CUDA max allocated, or on the
     CPU the process's peak resident set (everything this process holds: torch, the model, activations)."""
     device = torch.device(args.device)
-    config = model_config(args.model, args.img, not args.no_fused)
-    model = (build_model(config) if args.child == "ours" else build_timm(config)).to(device)
+    if args.child == "timm":
+        config = model_config(args.model, args.img)
+        model = build_timm(config).to(device)
+    else:
+        config = model_config(args.model, args.img, args.child)
+        model = build_model(config).to(device)
     img = config.DATA.IMG_SIZE
     images = torch.randn(args.batch, 3, img, img, device=device)
     targets = torch.randint(0, 1000, (args.batch,), device=device)
@@ -210,8 +244,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-fused", action="store_true", help="do not use the fused window kernel in our model")
+    parser.add_argument("--variants", default="default",
+                        help="comma-separated variants of our model, each measured against timm: default (the config's "
+                        f"settings) or parts joined by '+' of {', '.join(list(VARIANT_PARTS)[1:])}, e.g. "
+                        "default,fused,fused+explicit")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="on the CPU, leave glibc's malloc as it is instead of keeping freed memory for reuse "
+                        "as main.py does (utils.keep_freed_memory); its page faults make every step slower and the "
+                        "comparison noisier")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="also print the top ROWS operators of each model's step (torch.profiler)")
@@ -219,13 +260,18 @@ def main() -> None:
     parser.add_argument("--child-setting", help=argparse.SUPPRESS)
     parser.add_argument("--child-mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cpu" and not args.system_malloc:
+        keep_freed_memory()
     if args.child:
         run_child(args)
         return
     device = torch.device(args.device)
     torch.manual_seed(0)
-    ours, timm_model = build_pair(args.model, args.img, not args.no_fused)
-    ours.to(device), timm_model.to(device)
+    variants = args.variants.split(",")
+    models = build_models(args.model, args.img, variants)
+    for model in models.values():
+        model.to(device)
+    ours = models[variants[0]]
     img = ours.patch_embed.patches_resolution[0] * ours.patch_embed.patch_size
     images = torch.randn(args.batch, 3, img, img, device=device)
     targets = torch.randint(0, 1000, (args.batch,), device=device)
@@ -236,33 +282,34 @@ def main() -> None:
     print(f"{title} {img}px, batch {args.batch}, {name}, torch {torch.__version__}; "
           f"matmul peak fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.2f} TFLOP/s")
     results = []
-    header = (f"{'setting':<13} {'mode':<10} {'ours img/s':>10} {'timm img/s':>10} {'ours/timm':>9} "
-              f"{'ours MB':>8} {'timm MB':>8} {'ours MFU':>8}")
-    print(header)
+    width = max(len(v) for v in variants) + 1
+    print(f"{'setting':<13} {'mode':<10} {'ours':<{width}} {'ours img/s':>10} {'timm img/s':>10} {'ours/timm':>9} "
+          f"{'ours MB':>8} {'timm MB':>8} {'ours MFU':>8}")
     for setting in args.settings.split(","):
         dtype, _, compiled = setting.partition("-")
         steps = {}
-        for which, model in (("ours", ours), ("timm", timm_model)):
+        for which, model in models.items():
             infer, train = make_steps(model, images, targets, dtype, device, bool(compiled))
             steps[f"{which} inference"], steps[f"{which} training"] = infer, train
         seconds = alternate(steps, device, args.warmup, args.iterations, args.rounds)
         if args.profile:
             print_profiles(steps, args.profile)
         for mode, flops_per_image in (("inference", 2 * macs), ("training", 6 * macs)):
-            ours_ips = args.batch / seconds[f"ours {mode}"]
             timm_ips = args.batch / seconds[f"timm {mode}"]
-            memory = {w: float("nan") if args.no_memory else peak_memory_mb(args, w, setting, mode)
-                      for w in ("ours", "timm")}
-            mfu = ours_ips * flops_per_image / peaks[dtype]
-            row = {"setting": setting, "mode": mode, "ours_images_per_second": ours_ips,
-                   "timm_images_per_second": timm_ips, "ratio": ours_ips / timm_ips, "ours_peak_mb": memory["ours"],
-                   "timm_peak_mb": memory["timm"], "ours_mfu": mfu}
-            results.append(row)
-            print(f"{setting:<13} {mode:<10} {ours_ips:>10.1f} {timm_ips:>10.1f} {row['ratio']:>9.2f} "
-                  f"{memory['ours']:>8.0f} {memory['timm']:>8.0f} {mfu:>8.1%}", flush=True)
+            timm_mb = float("nan") if args.no_memory else peak_memory_mb(args, "timm", setting, mode)
+            for variant in variants:
+                ours_ips = args.batch / seconds[f"{variant} {mode}"]
+                ours_mb = float("nan") if args.no_memory else peak_memory_mb(args, variant, setting, mode)
+                mfu = ours_ips * flops_per_image / peaks[dtype]
+                row = {"setting": setting, "mode": mode, "variant": variant, "ours_images_per_second": ours_ips,
+                       "timm_images_per_second": timm_ips, "ratio": ours_ips / timm_ips, "ours_peak_mb": ours_mb,
+                       "timm_peak_mb": timm_mb, "ours_mfu": mfu}
+                results.append(row)
+                print(f"{setting:<13} {mode:<10} {variant:<{width}} {ours_ips:>10.1f} {timm_ips:>10.1f} "
+                      f"{row['ratio']:>9.2f} {ours_mb:>8.0f} {timm_mb:>8.0f} {mfu:>8.1%}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "model": args.model, "batch": args.batch, "img": img,
+            json.dump({"device": name, "model": args.model, "variants": variants, "batch": args.batch, "img": img,
                        "torch": torch.__version__, "matmul_peak_flops": peaks, "results": results}, f, indent=1)
 
 

@@ -99,9 +99,10 @@ class WindowAttentionBase(nn.Module):
     :meth:`relative_position_bias`.
 
     ``attn_impl``: "sdpa" (scaled_dot_product_attention, bias and mask folded into one additive mask),
-    "explicit" (softmax written out) or "auto": explicit when training on the CPU, else sdpa. On the CPU,
-    PyTorch's fused attention kernel has no gradient for an additive mask, so training falls back to its
-    generic path, which measured slower than the explicit one (README, Performance).
+    "explicit" (softmax written out) or "auto": sdpa, except on the CPU when training or in reduced precision
+    (autocast or a half/bfloat16 model), where the explicit path measured faster (README, Performance). On the
+    CPU, PyTorch's fused attention kernel has no gradient for an additive mask, so training falls back to its
+    generic path; in bfloat16 its flash kernel is slower than batched matmuls over 49-token windows.
     """
 
     dim: int
@@ -144,9 +145,12 @@ class WindowAttentionBase(nn.Module):
         return self.proj_drop(self.proj(x))
 
     def _use_sdpa(self, x: torch.Tensor) -> bool:
-        if self.attn_impl == "auto":
-            return not (x.device.type == "cpu" and torch.is_grad_enabled())
-        return self.attn_impl == "sdpa"
+        if self.attn_impl != "auto":
+            return self.attn_impl == "sdpa"
+        if x.device.type != "cpu":
+            return True
+        reduced_precision = x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+        return not (torch.is_grad_enabled() or reduced_precision)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
               mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -158,7 +162,7 @@ class WindowAttentionBase(nn.Module):
         # Fold windows and heads into one axis so one (1, nW * nH, N, N) mask serves every image
         # and SDPA still sees the 4-D inputs its fused kernels need.
         nW = mask.shape[0]
-        attn_mask = (bias.unsqueeze(0) + mask.unsqueeze(1)).reshape(1, nW * nH, N, N).to(q.dtype)
+        attn_mask = self._bias_and_mask(bias, mask).reshape(1, nW * nH, N, N).to(q.dtype)
         q, k, v = (t.reshape(BnW // nW, nW * nH, N, d) for t in (q, k, v))
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=self.scale)
         # CUDA's flash and memory-efficient kernels return (B, M, H, K) memory transposed to (B, H, M, K);
@@ -170,13 +174,21 @@ class WindowAttentionBase(nn.Module):
         BnW, nH, N, _ = q.shape
         if self.scale != 1.0:
             q = q * self.scale
-        attn = q @ k.transpose(-2, -1) + bias.unsqueeze(0)
-        if mask is not None:
+        attn = q @ k.transpose(-2, -1)
+        if mask is None:
+            attn = attn + bias.unsqueeze(0)
+        else:
+            # One pass over the logits adds bias and mask together (they are small; the logits are not).
             nW = mask.shape[0]
-            attn = attn.reshape(BnW // nW, nW, nH, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.reshape(BnW // nW, nW, nH, N, N) + self._bias_and_mask(bias, mask).unsqueeze(0)
             attn = attn.reshape(BnW, nH, N, N)
         attn = self.attn_drop(attn.softmax(dim=-1))
         return attn @ v
+
+    @staticmethod
+    def _bias_and_mask(bias: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(nH, N, N) position bias + (nW, N, N) mask -> (nW, nH, N, N) additive term of each window's logits."""
+        return bias.unsqueeze(0) + mask.unsqueeze(1)
 
     def flops(self, N: int) -> int:
         """Multiply-accumulates for one window of ``N`` tokens (reference convention)."""

@@ -95,6 +95,32 @@ def test_sdpa_and_explicit_attention_agree_in_outputs_and_gradients():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("case, expect_sdpa", [("fp32 inference", True), ("fp32 training", False),
+                                               ("bf16 autocast inference", False), ("bf16 model inference", False)])
+def test_auto_attention_takes_the_path_measured_faster_on_the_cpu(case, expect_sdpa, monkeypatch):
+    # README, Performance: on the CPU the fused attention kernel wins only in float32 inference.
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(1) or sdpa(*args, **kwargs))
+    model = tiny_model()
+    x = torch.randn(2, 3, 32, 32)
+    if case == "bf16 model inference":
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    with torch.set_grad_enabled(case.endswith("training")), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.startswith("bf16 autocast")):
+        model(x)
+    assert bool(calls) == expect_sdpa
+
+
+def test_auto_attention_compiles_without_graph_breaks_under_autocast():
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(compiled(x), model(x))
+
+
 def test_every_parameter_gets_a_gradient():
     model = tiny_model(ape=True)
     model(torch.randn(2, 3, 32, 32)).sum().backward()

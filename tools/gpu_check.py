@@ -113,7 +113,8 @@ def gpu_sizes() -> Sizes:
         demo_kill_at=(2, 10), demo_subset=None,
         torchrun_opts=["PRINT_FREQ", "5", "TRAIN.EPOCHS", "1"],
         bench_window=["--device", "cuda", "--dtypes", "float32", "float16", "bfloat16"],
-        bench_model=["--device", "cuda", "--batch", "128", "--settings", "bf16,bf16-compile"],
+        bench_model=["--device", "cuda", "--batch", "128", "--settings", "bf16,bf16-compile", "--variants",
+                     "default,fused"],
         throughput={"throughput-swin-t": ["--cfg", SWIN_T, "--batch-size", "128"],
                     "throughput-swin-b": ["--cfg", SWIN_B, "--batch-size", "128"]})
 
@@ -137,7 +138,7 @@ def smoke_sizes() -> Sizes:
         bench_window=["--device", "cpu", "--dtypes", "float32", "--batch", "2", "--iters", "1", "--warmup", "1",
                       "--no-compile"],
         bench_model=["--device", "cpu", "--batch", "1", "--img", "64", "--settings", "bf16", "--warmup", "1",
-                     "--iterations", "1", "--rounds", "1", "--no-memory"],
+                     "--iterations", "1", "--rounds", "1", "--no-memory", "--variants", "default,fused"],
         throughput={"throughput-swin-t": ["--cfg", SWIN_T, "--batch-size", "2", "--opts"] + toy
                     + ["MODEL.SWIN.EMBED_DIM", "24"],
                     "throughput-swin-b": ["--cfg", SWIN_B, "--batch-size", "2", "--opts"] + toy
@@ -437,8 +438,9 @@ def step_bench_model(ctx: Context) -> Dict[str, Any]:
     output = os.path.join(ctx.work, "bench_model.json")
     ctx.run([sys.executable, "benchmarks/bench_model.py", "--json", output] + ctx.sizes.bench_model)
     results = read_json(output)
-    results["summary"] = ", ".join(f"{row['setting']} {row['mode']} {row['ours_images_per_second']:.1f} img/s "
-                                   f"({row['ratio']:.2f}x timm)" for row in results["results"])
+    results["summary"] = ", ".join(f"{row['setting']} {row['mode']} {row['variant']} "
+                                   f"{row['ours_images_per_second']:.1f} img/s ({row['ratio']:.2f}x timm)"
+                                   for row in results["results"])
     return results
 
 
@@ -722,10 +724,10 @@ def render_bench_model(details: Dict[str, Any]) -> List[str]:
     lines = [f"Swin-{details['model']} {details['img']} px, batch {details['batch']}, {details['device']}, torch "
              f"{details['torch']}; matmul peak fp32 {peaks['fp32'] / 1e12:.1f}, bf16 {peaks['bf16'] / 1e12:.1f} "
              "TFLOP/s", "",
-             "| setting | mode | ours img/s | timm img/s | ours / timm | ours MFU | peak MB ours / timm |",
-             "|---|---|---|---|---|---|---|"]
+             "| setting | mode | ours | ours img/s | timm img/s | ours / timm | ours MFU | peak MB ours / timm |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in details["results"]:
-        lines.append(f"| {row['setting']} | {row['mode']} | {row['ours_images_per_second']:.1f} | "
+        lines.append(f"| {row['setting']} | {row['mode']} | {row['variant']} | {row['ours_images_per_second']:.1f} | "
                      f"{row['timm_images_per_second']:.1f} | {row['ratio']:.2f} | {row['ours_mfu']:.1%} | "
                      f"{megabytes(row['ours_peak_mb'])} / {megabytes(row['timm_peak_mb'])} |")
     return lines
