@@ -2,10 +2,12 @@
 
 For each setting (fp32, bf16 autocast, each eager and under torch.compile) it measures inference and
 the full training step (forward, backward, gradient clipping, AdamW step) on the same batch, with the
-same weights, and prints the ratio ours/timm, peak memory and model FLOP utilisation against a large
-matmul measured in the same run.
+same weights, and prints the ratio ours/timm (of the median times, with the range of each round's own ratio:
+the noise to read it against), peak memory and model FLOP utilisation against a large matmul measured in the
+same run. ``--variants`` measures several settings of our model in the same run, each against timm.
 
     python benchmarks/bench_model.py                         # Swin-T 224, batch 16, CPU
+    python benchmarks/bench_model.py --variants default,fused  # our model without and with the fused window op
     python benchmarks/bench_model.py --device cuda --batch 128 --model base --json results.json
     python benchmarks/bench_model.py --model swinv2_tiny_patch4_window8_256    # Swin V2 against timm's V2
 
@@ -144,8 +146,8 @@ def seconds_per_call(fn: Callable[[], None], device: torch.device, iterations: i
 
 
 def alternate(steps: Dict[str, Callable[[], None]], device: torch.device, warmup: int, iterations: int,
-              rounds: int) -> Dict[str, float]:
-    """Median seconds per call of each step, measured in alternating rounds so drift hits all alike. Each round
+              rounds: int) -> Dict[str, List[float]]:
+    """Seconds per call of each step in each round, measured in alternating rounds so drift hits all alike. Each round
     takes the steps in a new (seeded) random order: what runs just before a step (a training step frees memory an
     inference step then faults in again) changes its time on a CPU by several percent."""
     for fn in steps.values():
@@ -158,7 +160,7 @@ def alternate(steps: Dict[str, Callable[[], None]], device: torch.device, warmup
         shuffle(order)
         for name in order:
             times[name].append(seconds_per_call(steps[name], device, iterations))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
@@ -284,29 +286,35 @@ def main() -> None:
     results = []
     width = max(len(v) for v in variants) + 1
     print(f"{'setting':<13} {'mode':<10} {'ours':<{width}} {'ours img/s':>10} {'timm img/s':>10} {'ours/timm':>9} "
-          f"{'ours MB':>8} {'timm MB':>8} {'ours MFU':>8}")
+          f"{'rounds':>11} {'ours MB':>8} {'timm MB':>8} {'ours MFU':>8}")
     for setting in args.settings.split(","):
         dtype, _, compiled = setting.partition("-")
         steps = {}
         for which, model in models.items():
             infer, train = make_steps(model, images, targets, dtype, device, bool(compiled))
             steps[f"{which} inference"], steps[f"{which} training"] = infer, train
-        seconds = alternate(steps, device, args.warmup, args.iterations, args.rounds)
+        times = alternate(steps, device, args.warmup, args.iterations, args.rounds)
         if args.profile:
             print_profiles(steps, args.profile)
         for mode, flops_per_image in (("inference", 2 * macs), ("training", 6 * macs)):
-            timm_ips = args.batch / seconds[f"timm {mode}"]
+            timm_times = times[f"timm {mode}"]
+            timm_ips = args.batch / statistics.median(timm_times)
             timm_mb = float("nan") if args.no_memory else peak_memory_mb(args, "timm", setting, mode)
             for variant in variants:
-                ours_ips = args.batch / seconds[f"{variant} {mode}"]
+                ours_times = times[f"{variant} {mode}"]
+                ours_ips = args.batch / statistics.median(ours_times)
+                # Each round's own ratio: their spread is the noise the median ratio has to be read against.
+                round_ratios = [t / o for o, t in zip(ours_times, timm_times)]
                 ours_mb = float("nan") if args.no_memory else peak_memory_mb(args, variant, setting, mode)
                 mfu = ours_ips * flops_per_image / peaks[dtype]
                 row = {"setting": setting, "mode": mode, "variant": variant, "ours_images_per_second": ours_ips,
-                       "timm_images_per_second": timm_ips, "ratio": ours_ips / timm_ips, "ours_peak_mb": ours_mb,
-                       "timm_peak_mb": timm_mb, "ours_mfu": mfu}
+                       "timm_images_per_second": timm_ips, "ratio": ours_ips / timm_ips,
+                       "round_ratios": round_ratios, "ours_peak_mb": ours_mb, "timm_peak_mb": timm_mb,
+                       "ours_mfu": mfu}
                 results.append(row)
+                spread = f"{min(round_ratios):.2f}-{max(round_ratios):.2f}"
                 print(f"{setting:<13} {mode:<10} {variant:<{width}} {ours_ips:>10.1f} {timm_ips:>10.1f} "
-                      f"{row['ratio']:>9.2f} {ours_mb:>8.0f} {timm_mb:>8.0f} {mfu:>8.1%}", flush=True)
+                      f"{row['ratio']:>9.2f} {spread:>11} {ours_mb:>8.0f} {timm_mb:>8.0f} {mfu:>8.1%}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "model": args.model, "variants": variants, "batch": args.batch, "img": img,
