@@ -253,7 +253,7 @@ class WindowBlock(nn.Module):
         window_size: window side (already clamped to the stage resolution by the stage).
         shift_size: shift of the windows; 0 for unshifted blocks.
         mlp_ratio: MLP hidden size over ``dim``.
-        fused_window_process: roll + partition with the fused kernel where it is available.
+        fused_window_process: roll + partition with the fused kernel where it is available, in eager mode.
     """
 
     # Whether mix_tokens needs the additive shifted-window / padding mask of BasicLayer.masks.
@@ -301,7 +301,10 @@ class WindowBlock(nn.Module):
         return x
 
     def _use_fused(self, x: torch.Tensor) -> bool:
-        if not self.fused_window_process:
+        # Under torch.compile the plain roll and permutes are left to inductor, which fuses them with the norm,
+        # padding and residual around them; the opaque fused op would prevent that, and measured no faster in a
+        # compiled model (README, Performance).
+        if not self.fused_window_process or torch.compiler.is_compiling():
             return False
         from kernels.window_process import is_available
         return is_available(x.device)
