@@ -435,11 +435,16 @@ def test_finetune_onto_five_digit_classes_with_a_class_map(pretrained, digits_ro
     assert before["count"] == sum(len(os.listdir(subset / "val" / name)) for name in SUBSET)
     assert before["acc1"] > 20.0 + 15.0, before  # chance is 20%
 
+    # Fine-tuning at a quarter of the pretraining lr, for 6 epochs: at the full lr for 3 epochs the first epoch
+    # undid part of what the pretrained features give, and whether the rest won it back depended on float rounding
+    # (seen both ways: 70.5 -> 75.8 and 75.2 -> 69.8 on 149 images).
+    finetune_lr = ["TRAIN.BASE_LR", "8e-3", "TRAIN.WARMUP_LR", "8e-6", "TRAIN.MIN_LR", "8e-5"]
     result = run_script(["main.py", "--cfg", DEMO, "--output", str(tmp_path / "out"), "--tag", "five"]
-                        + DIGITS_TRAIN + opts + ["TRAIN.EPOCHS", "3"])
+                        + DIGITS_TRAIN + opts + finetune_lr + ["TRAIN.EPOCHS", "6"])
     assert "the head takes 5 rows of the pretrained 10-class head" in result.stdout
     records = read_metrics(tmp_path / "out" / "swin_micro_digits" / "five")
-    assert len(records) == 3
+    assert len(records) == 6
+    print("accuracy before and after each epoch:", before["acc1"], [r["val_acc1"] for r in records])
     assert records[-1]["val_acc1"] > before["acc1"], (before, records)
 
 
