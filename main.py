@@ -30,8 +30,8 @@ from optimizer import build_optimizer
 from preemption import StopSignals, TrainingStopped, exit_status
 from checkpoint import (CheckpointError, checkpoint_name, load_eval_weights, load_pretrained, resume_candidates,
                         resume_training, save_training_checkpoint)
-from utils import (get_rank, get_world_size, init_distributed, is_main_process, keep_freed_memory, run_lock,
-                   seed_everything, shutdown_distributed)
+from utils import (exit_process, get_rank, get_world_size, init_distributed, is_main_process, keep_freed_memory,
+                   run_lock, seed_everything, shutdown_distributed)
 
 logger = logging.getLogger("main")
 
@@ -333,4 +333,4 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    exit_process(cli())

@@ -36,6 +36,36 @@ def run_two_processes(mode: str, out_dir) -> list:
     return [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(2)]
 
 
+ENDING = """
+import atexit, sys
+sys.path.insert(0, {repo!r})
+from utils import exit_process
+
+class InTheLastCollection:
+    def __init__(self):
+        self.cycle = self  # garbage only the interpreter's teardown collects
+    def __del__(self):
+        print("teardown ran", flush=True)
+
+atexit.register(lambda: print("exit handlers ran", flush=True))
+InTheLastCollection()
+print("training done", end="\\n", flush=True)
+exit_process(7)
+"""
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_one_of_several_processes_ends_without_the_interpreter_teardown(world_size):
+    """main.py's exit: exit handlers run and the status is kept; with several processes the interpreter's teardown,
+    where a gloo thread releasing a finished collective's tensors aborts the process (SIGABRT), is skipped."""
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    result = subprocess.run([sys.executable, "-c", ENDING.format(repo=REPO)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 7, result.stderr
+    expected = ["training done", "exit handlers ran"] + (["teardown ran"] if world_size == "1" else [])
+    assert result.stdout.split("\n")[:-1] == expected
+
+
 @pytest.mark.slow
 def test_ema_is_the_same_on_every_process(tmp_path):
     """From scratch, each process initialises its own weights; DDP trains rank 0's, and the EMA must follow those."""
