@@ -3,9 +3,8 @@
 It is :mod:`main`: ``--pretrained`` takes a SimMIM pretraining checkpoint (its encoder, see
 ``checkpoint.load_pretrained``), and the fine-tuning configs set ``TRAIN.LAYER_DECAY``.
 """
-import sys
-
 import main
+from utils import exit_process
 
 if __name__ == "__main__":
-    sys.exit(main.cli())
+    exit_process(main.cli())

@@ -7,6 +7,7 @@ import sys
 from typing import List, Optional
 
 import main
+from utils import exit_process
 
 
 def simmim_argv(argv: List[str]) -> List[str]:
@@ -22,4 +23,4 @@ def cli(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    exit_process(cli())

@@ -19,7 +19,8 @@ from models import build_model
 from models.state_dict import load_state_dict_checked
 from optimizer import build_optimizer
 from tests.test_distributed_health import free_port
-from tests.test_resilience import REPO, RUN, command, environment, kill_when_logged, losses, rank_pid, run_to_end
+from tests.test_resilience import (REPO, RUN, command, console_tail, environment, kill_when_logged, losses, rank_pid,
+                                   run_to_end)
 
 WORKER = os.path.join(REPO, "tests", "fsdp_worker.py")
 EXPORT = os.path.join(REPO, "tools", "export_fsdp_checkpoint.py")
@@ -140,7 +141,7 @@ def test_fsdp_kill_mid_epoch_and_auto_resume_gives_the_same_losses(digits_root, 
     resumed_dir = tmp_path / "killed" / RUN
     process = kill_when_logged(command(tmp_path / "killed", digits_root, extra, launcher=launcher()),
                                resumed_dir / "log_rank0.txt", random.Random().randint(3, 16), pid_of=rank_pid(1))
-    assert process.wait(timeout=600) == 0, "torchrun should restart the group and finish"
+    assert process.wait(timeout=600) == 0, "torchrun should restart the group and finish:\n" + console_tail(process)
     with open(resumed_dir / "log_rank1.txt") as f:
         assert re.search(r"resumed weights from .*ckpt_epoch_\d+_step_\d+\n", f.read())
     straight_dir = tmp_path / "straight" / RUN

@@ -55,9 +55,16 @@ def run_to_end(cmd):
 
 
 def kill_when_logged(cmd, log_path, step, pid_of=None):
-    """Starts ``cmd`` and SIGKILLs it (or the process whose pid ``pid_of`` reads) once ``step`` updates are logged."""
-    process = subprocess.Popen(cmd, cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    """Starts ``cmd`` and SIGKILLs it (or the process whose pid ``pid_of`` reads) once ``step`` updates are logged.
+
+    What the run prints goes to ``console.txt`` in its ``--output`` folder (see :func:`console_tail`).
+    """
+    output = cmd[cmd.index("--output") + 1]
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, "console.txt"), "w") as console:
+        process = subprocess.Popen(cmd, cwd=REPO, env=environment(), stdout=console, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    process.console = console.name
     deadline = time.time() + 600
     while time.time() < deadline:
         if os.path.exists(log_path) and len(losses(log_path)) >= step:
@@ -68,6 +75,12 @@ def kill_when_logged(cmd, log_path, step, pid_of=None):
             pytest.fail("the run ended before it could be killed")
         time.sleep(0.05)
     return process
+
+
+def console_tail(process) -> str:
+    """The end of what a run started by :func:`kill_when_logged` printed, for a failure's message."""
+    with open(process.console) as f:
+        return f.read()[-4000:]
 
 
 def assert_same_training(straight_dir, resumed_dir, log_name="log_rank0.txt"):
@@ -87,7 +100,7 @@ def test_sigkill_at_a_random_step_then_auto_resume_is_exact(digits_root, tmp_pat
     resumed_dir = tmp_path / "killed" / RUN
     process = kill_when_logged(command(tmp_path / "killed", digits_root, workers), resumed_dir / "log_rank0.txt",
                                step)
-    assert process.wait(timeout=60) == -signal.SIGKILL
+    assert process.wait(timeout=60) == -signal.SIGKILL, console_tail(process)
     result = run_to_end(command(tmp_path / "killed", digits_root, workers))
     assert "continuing at epoch" in result.stdout
     assert_same_training(tmp_path / "straight" / RUN, resumed_dir)
@@ -111,7 +124,7 @@ def test_torchrun_restarts_after_one_rank_is_killed_and_resumes_exactly(digits_r
     resumed_dir = tmp_path / "killed" / RUN
     process = kill_when_logged(command(tmp_path / "killed", digits_root, launcher=launcher(29532)),
                                resumed_dir / "log_rank0.txt", step, pid_of=rank_pid(1))
-    assert process.wait(timeout=600) == 0, "torchrun should restart the group and finish"
+    assert process.wait(timeout=600) == 0, "torchrun should restart the group and finish:\n" + console_tail(process)
     with open(resumed_dir / "log_rank1.txt") as f:
         assert "continuing at epoch" in f.read()
     assert_same_training(tmp_path / "straight" / RUN, resumed_dir)

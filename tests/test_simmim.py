@@ -23,7 +23,7 @@ from models.state_dict import load_state_dict_checked
 from models.swin_transformer import SwinTransformer
 from models.swin_transformer_v2 import SwinTransformerV2
 from objectives import ClassificationObjective, SimMIMObjective, build_objective
-from tests.test_resilience import assert_same_training, kill_when_logged, losses, run_to_end
+from tests.test_resilience import assert_same_training, console_tail, kill_when_logged, losses, run_to_end
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
@@ -282,7 +282,7 @@ def test_pretraining_resumes_exactly_after_a_kill(digits_root, tmp_path):
     step = random.Random().randint(3, 40)
     resumed_dir = tmp_path / "killed" / run
     process = kill_when_logged(command(tmp_path / "killed"), resumed_dir / "log_rank0.txt", step)
-    assert process.wait(timeout=60) == -signal.SIGKILL
+    assert process.wait(timeout=60) == -signal.SIGKILL, console_tail(process)
     # No wait: the run lock is a POSIX record lock, which the killed run's loader workers do not inherit.
     result = run_to_end(command(tmp_path / "killed"))
     assert "continuing at epoch" in result.stdout

@@ -859,4 +859,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker ends as main.py's processes end
+        from utils import exit_process
+        exit_process(status)
+    sys.exit(status)
