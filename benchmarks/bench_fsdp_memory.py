@@ -78,7 +78,7 @@ def worker(args) -> None:
     from lr_scheduler import build_scheduler
     from main import prepare_model
     from optimizer import build_optimizer
-    from utils import get_rank, init_distributed, seed_everything, shutdown_distributed
+    from utils import exit_process, get_rank, init_distributed, seed_everything, shutdown_distributed
 
     device = init_distributed()
     base = _rss()
@@ -103,6 +103,7 @@ def worker(args) -> None:
     with open(os.path.join(args.out, f"rank{get_rank()}.json"), "w") as f:
         json.dump(result, f)
     shutdown_distributed()
+    exit_process(0)
 
 
 def launch(args, model: str, mode: str, procs: int) -> Dict[str, float]:

@@ -19,7 +19,8 @@ from engine import EpochState, NonFiniteLossError, Precision, TrainParts, train_
 from lr_scheduler import build_scheduler  # noqa: E402
 from main import prepare_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
-from utils import get_rank, get_world_size, init_distributed, seed_everything, shutdown_distributed  # noqa: E402
+from utils import (exit_process, get_rank, get_world_size, init_distributed, seed_everything,  # noqa: E402
+                   shutdown_distributed)
 
 MICRO = ["DATA.IMG_SIZE", "32", "MODEL.NUM_CLASSES", "10", "MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.DEPTHS",
          "[2, 2]", "MODEL.SWIN.NUM_HEADS", "[2, 4]", "MODEL.SWIN.WINDOW_SIZE", "4", "MODEL.EMA.ENABLE", "True",
@@ -86,3 +87,4 @@ def main(mode: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    exit_process(0)  # as main.py ends (utils.exit_process)
