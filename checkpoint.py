@@ -590,9 +590,36 @@ def load_sharded_state(path: str) -> Dict[str, Any]:
     for name in (".metadata", SHARDED_STATE):
         if not os.path.isfile(os.path.join(path, name)):
             raise CheckpointError(f"cannot read {path}: the sharded checkpoint has no {name} (incomplete)")
+    _check_shard_files(path)
     state = load_checkpoint_file(os.path.join(path, SHARDED_STATE))
     state["sharded_dir"] = path
     return state
+
+
+def _check_shard_files(path: str) -> None:
+    """Checks, from the DCP metadata and the file sizes alone, that every shard file the checkpoint lists is there
+    and long enough for its tensors (a partial copy or a truncated file fails here, before any weight is loaded,
+    the same way on every process).
+
+    Raises:
+        CheckpointError: the metadata is unreadable, or a shard file is missing or truncated.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+        ends: Dict[str, int] = {}
+        for item in metadata.storage_data.values():
+            ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    except Exception as error:  # unpickling a damaged file raises many types
+        raise CheckpointError(f"cannot read {path}: its .metadata is truncated or corrupt ({error})") from error
+    for name, end in sorted(ends.items()):
+        shard = os.path.join(path, name)
+        if not os.path.isfile(shard):
+            raise CheckpointError(f"cannot read {path}: its shard {name} is missing (copied in part?)")
+        if os.path.getsize(shard) < end:
+            raise CheckpointError(f"cannot read {path}: its shard {name} is truncated ({os.path.getsize(shard)} "
+                                  f"bytes, its tensors need {end})")
 
 
 def _dcp_load(content: Dict[str, Any], path: str) -> None:

@@ -160,3 +160,42 @@ def test_fsdp_run_resumes_a_ddp_single_file_checkpoint(tmp_path):
     for rank, result in enumerate(run_worker("from_ddp", tmp_path)):
         assert result["sharded"], rank
         assert result["weight_diff"] == result["ema_diff"] == result["moment_diff"] == 0.0, (rank, result)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "metadata"])
+def test_auto_resume_falls_back_past_a_sharded_checkpoint_with_a_damaged_file(tmp_path, caplog, damage):
+    """A shard file copied in part, lost, or a damaged DCP metadata: the newest folder is passed over (the same
+    way on every process, from the metadata and the file sizes) and the run resumes from the previous one."""
+    from engine import EpochState
+    from checkpoint import save_training_checkpoint
+
+    config = load_config(None, opts=MICRO + ["TRAIN.FSDP", "True", "OUTPUT", str(tmp_path)])
+    model = build_model(config)
+    optimizer = build_optimizer(config, model, torch.device("cpu"))
+    scheduler = build_scheduler(config, optimizer, 10)
+    saved = []
+    for update in (1, 2):
+        with torch.no_grad():
+            model.head.bias.fill_(update)
+        save_training_checkpoint(config, model, optimizer, scheduler, None, None, EpochState(0, 10, update=update),
+                                 complete=False)
+        saved.append(os.path.join(config.OUTPUT, f"ckpt_epoch_0_step_{update}"))
+    newest = saved[1]
+    shard = os.path.join(newest, "__0_0.distcp")
+    if damage == "truncated":
+        os.truncate(shard, os.path.getsize(shard) // 2)
+    elif damage == "missing":
+        os.remove(shard)
+    else:
+        with open(os.path.join(newest, ".metadata"), "wb") as f:
+            f.write(b"\x80\x04 not a whole pickle")
+
+    resumed = build_model(config)
+    resumed_optimizer = build_optimizer(config, resumed, torch.device("cpu"))
+    state, path = resume_training(config, resumed, resumed_optimizer, build_scheduler(config, resumed_optimizer, 10),
+                                  updates_per_epoch=10, batches_per_epoch=20)
+    assert path == saved[0] and state.epoch == 0
+    assert torch.equal(resumed.head.bias, torch.full_like(resumed.head.bias, 1.0))
+    assert f"cannot resume from {newest}" in caplog.text
+    assert {"truncated": "is truncated", "missing": "is missing", "metadata": ".metadata is truncated or corrupt"}[
+        damage] in caplog.text
