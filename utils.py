@@ -106,11 +106,12 @@ def exit_process(status: int) -> None:
     """Ends the process with ``status``; one of several processes (WORLD_SIZE > 1) skips the interpreter's
     teardown.
 
-    ``destroy_process_group`` does not stop gloo's worker threads while a module (FSDP's device mesh) still
-    holds its group. Such a thread can be releasing a finished collective's tensors when the interpreter
-    tears itself down; taking the GIL then aborts the process (SIGABRT, about 1 run in 30 here), and
-    torchrun reports a failed run after it finished. So the exit handlers (log files, event writers, loader
-    workers) run as usual, the streams are flushed, and the process ends with ``os._exit``.
+    gloo's worker threads can outlive ``destroy_process_group``: the core dump of a 2-process ``--fsdp`` run
+    that aborted after finishing showed two, one of them releasing a finished all-reduce's tensors while the
+    interpreter tore itself down. Taking the GIL then ends the thread inside a C++ destructor, which aborts
+    the process (SIGABRT, about 1 run in 30 here), and torchrun reports a failed run. So the exit handlers
+    (log files, event writers, loader workers) run as usual, the streams are flushed, and the process ends
+    with ``os._exit``.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         sys.exit(status)
