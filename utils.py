@@ -103,7 +103,7 @@ def shutdown_distributed() -> None:
 
 
 def exit_process(status: int) -> None:
-    """Ends the process with ``status``; one of several processes (WORLD_SIZE > 1) skips the interpreter's
+    """Ends the process with ``status``; a process started by torchrun (LOCAL_RANK set) skips the interpreter's
     teardown.
 
     gloo's worker threads can outlive ``destroy_process_group``: the core dump of a 2-process ``--fsdp`` run
@@ -111,9 +111,9 @@ def exit_process(status: int) -> None:
     interpreter tore itself down. Taking the GIL then ends the thread inside a C++ destructor, which aborts
     the process (SIGABRT, about 1 run in 30 here), and torchrun reports a failed run. So the exit handlers
     (log files, event writers, loader workers) run as usual, the streams are flushed, and the process ends
-    with ``os._exit``.
+    with ``os._exit``. A process that was not started by torchrun exits normally.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if "LOCAL_RANK" not in os.environ:
         sys.exit(status)
     atexit._run_exitfuncs()  # what a normal exit runs first, while the interpreter is whole
     sys.stdout.flush()

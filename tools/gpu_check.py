@@ -860,7 +860,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 if __name__ == "__main__":
     status = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker ends as main.py's processes end
-        from utils import exit_process
+    if "LOCAL_RANK" in os.environ:  # the torchrun worker ends as main.py's processes do (utils.exit_process);
+        from utils import exit_process  # the report run imports no project module, so it can report a bad install
         exit_process(status)
     sys.exit(status)
