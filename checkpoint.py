@@ -12,7 +12,8 @@ import yaml
 
 from engine import EpochState
 from fsdp import is_sharded, load_full_state_dict
-from utils import barrier, gather_rng_states, get_rank, get_world_size, is_main_process, set_rng_state
+from utils import (barrier, fail_together, gather_rng_states, get_rank, get_world_size, is_main_process,
+                   set_rng_state)
 
 logger = logging.getLogger(__name__)
 
@@ -547,16 +548,16 @@ def save_training_checkpoint(config, model, optimizer, lr_scheduler, scaler, mod
                                          acc1, is_best)
         return
     rng = gather_rng_states()
-    if not is_main_process():
-        return
-    checkpoint = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
-        **_run_state(config, lr_scheduler, scaler, state, complete, rng),
-    }
-    save_checkpoint(checkpoint, config.OUTPUT, state.epoch, state.update, complete, config.TRAIN.KEEP_CHECKPOINTS,
-                    acc1, is_best)
+    with fail_together("saving a checkpoint"):  # only rank 0 writes: a failed write must stop every process
+        if is_main_process():
+            checkpoint = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
+                **_run_state(config, lr_scheduler, scaler, state, complete, rng),
+            }
+            save_checkpoint(checkpoint, config.OUTPUT, state.epoch, state.update, complete,
+                            config.TRAIN.KEEP_CHECKPOINTS, acc1, is_best)
 
 
 # --------------------------------------------------------------------------- sharded checkpoints (TRAIN.FSDP)
@@ -694,9 +695,9 @@ def save_sharded_training_checkpoint(config, model, optimizer, lr_scheduler, sca
     name = checkpoint_name(state.epoch, state.update, complete, sharded=True)
     final = os.path.join(config.OUTPUT, name)
     tmp = f"{final}.tmp"
-    if is_main_process() and os.path.exists(tmp):
-        shutil.rmtree(tmp)  # left by a crash during an earlier save
-    barrier()
+    with fail_together("preparing a sharded checkpoint"):
+        if is_main_process() and os.path.exists(tmp):
+            shutil.rmtree(tmp)  # left by a crash during an earlier save
     content = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     if model_ema is not None:
         content["model_ema"] = get_model_state_dict(model_ema.module)
@@ -709,31 +710,31 @@ def save_sharded_training_checkpoint(config, model, optimizer, lr_scheduler, sca
                               f"checkpoints are intact; free space or fix permissions on {config.OUTPUT}") from error
     released = full_model_state_dict(model) if complete or is_best else None
     barrier()  # every process's shards are on disk
-    if is_main_process():
-        run_state = {
-            "optimizer": {"sharded": True, "param_groups": [{"params": list(range(len(group["params"])))}
-                                                            for group in optimizer.param_groups]},
-            "model_ema": model_ema is not None,
-            **_run_state(config, lr_scheduler, scaler, state, complete, rng),
-        }
-        if complete:
-            atomic_torch_save({"model": released}, os.path.join(tmp, RELEASED_MODEL))
-        atomic_torch_save(run_state, os.path.join(tmp, SHARDED_STATE))  # last: its presence marks a whole folder
-        _fsync_dir(tmp)
-        if os.path.exists(final):  # the same position saved again (a resumed run): replace it
-            old = f"{final}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(config.OUTPUT)
-        if is_best:
-            atomic_torch_save({"model": released, "epoch": state.epoch, "max_accuracy": state.max_accuracy,
-                               "config": to_yaml(config)}, os.path.join(config.OUTPUT, "ckpt_best.pth"))
-        _record_checkpoint(config.OUTPUT, name, state.epoch, state.update, complete, config.TRAIN.KEEP_CHECKPOINTS,
-                           acc1)
-        logger.info("saved %s (sharded over %d processes)", final, get_world_size())
-    barrier()
+    with fail_together("finishing a sharded checkpoint"):  # only rank 0 writes the rest
+        if is_main_process():
+            run_state = {
+                "optimizer": {"sharded": True, "param_groups": [{"params": list(range(len(group["params"])))}
+                                                                for group in optimizer.param_groups]},
+                "model_ema": model_ema is not None,
+                **_run_state(config, lr_scheduler, scaler, state, complete, rng),
+            }
+            if complete:
+                atomic_torch_save({"model": released}, os.path.join(tmp, RELEASED_MODEL))
+            atomic_torch_save(run_state, os.path.join(tmp, SHARDED_STATE))  # last: its presence marks a whole folder
+            _fsync_dir(tmp)
+            if os.path.exists(final):  # the same position saved again (a resumed run): replace it
+                old = f"{final}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(config.OUTPUT)
+            if is_best:
+                atomic_torch_save({"model": released, "epoch": state.epoch, "max_accuracy": state.max_accuracy,
+                                   "config": to_yaml(config)}, os.path.join(config.OUTPUT, "ckpt_best.pth"))
+            _record_checkpoint(config.OUTPUT, name, state.epoch, state.update, complete,
+                               config.TRAIN.KEEP_CHECKPOINTS, acc1)
+            logger.info("saved %s (sharded over %d processes)", final, get_world_size())
     return final

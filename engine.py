@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from data.datasets import unreadable_index
 from data.errors import DataError
 from fsdp import clip_grad_norm, gradient_sync_off, is_sharded
-from utils import all_reduce_max, all_reduce_sum, get_world_size, is_distributed
+from utils import all_reduce_max, all_reduce_sum, gather_objects, mark_failure_agreed
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +257,8 @@ class HealthFlags:
         """
         agreed = all_reduce_max(self.values.clone())
         non_finite, skipped, in_a_row, longest = (int(v) for v in agreed.tolist())
+        if non_finite or longest > max_skipped_steps:
+            mark_failure_agreed()  # every process raises the error below at this update
         if non_finite:
             raise NonFiniteLossError(
                 f"non-finite loss in epoch {state.epoch}, at or before update {state.update} of "
@@ -358,10 +360,7 @@ MAX_NAMED_UNREADABLE = 20
 
 def _report_unreadable(data_loader: Iterable, unreadable: List[int], evaluated: int, expected_total: int) -> None:
     """Logs the summary of the images left out, with the paths gathered from all processes (collective)."""
-    if is_distributed():
-        gathered: List[Optional[List[int]]] = [None] * get_world_size()
-        torch.distributed.all_gather_object(gathered, unreadable)
-        unreadable = [index for part in gathered for index in part]
+    unreadable = [index for part in gather_objects(unreadable) for index in part]
     dataset = getattr(data_loader, "dataset", None)
     names = [dataset.image_path(index) if hasattr(dataset, "image_path") else f"image {index}"
              for index in sorted(unreadable)]

@@ -20,7 +20,9 @@ and backward. What changes against DDP, and where:
 One process has nothing to shard: ``--fsdp`` then trains the plain model and still writes sharded checkpoints.
 """
 import contextlib
+import copy
 import logging
+import weakref
 from typing import Dict, Iterable, Iterator, List
 
 import torch
@@ -113,15 +115,50 @@ def prepare_sharded(config, model: nn.Module, device: torch.device):
 
     broadcast_from_rank0(model, device)
     model_ema = ModelEmaV3(model, decay=config.MODEL.EMA.DECAY) if config.MODEL.EMA.ENABLE else None
+    unsharded = copy.deepcopy(model).cpu()  # for evaluation: see evaluation_model
     shard(model, config, device, compile_blocks=config.TRAIN.COMPILE)
+    _UNSHARDED_COPIES[model] = unsharded
     if model_ema is not None:
         shard(model_ema.module, config, device)
+        _UNSHARDED_COPIES[model_ema.module] = unsharded  # evaluated one after the other, so one copy serves both
     params = sum(p.numel() for p in model.parameters())
     local = sum(p.to_local().numel() for p in model.parameters() if isinstance(p, DTensor))
     logger.info("FSDP: %d blocks and merges sharded over %d processes; %.2fM of %.2fM parameters held here; "
                 "precision: %s", len(shard_units(model)), get_world_size(), local / 1e6, params / 1e6,
                 mixed_precision_policy(config))
     return model, model_ema, model
+
+
+# The unsharded copy that evaluates each sharded model (see evaluation_model), kept on the CPU between evaluations.
+_UNSHARDED_COPIES: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def evaluation_model(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """The module to evaluate ``model`` with: ``model`` itself, or for a sharded model an unsharded copy holding its
+    float32 weights (collective: call it on every process).
+
+    A sharded model gathers each block's weights from every process in its forward, one collective per block, so
+    evaluating it would need the same number of forwards on every process, which exact evaluation does not give
+    (a shard may hold one image more, or a batch of unreadable images on one process leaves nothing to forward);
+    and it gathers them in the training precision (bfloat16) even for a float32 evaluation. The copy needs no
+    collective per batch and evaluates exactly as the unsharded model does. Entering gathers each weight once, in
+    the same order on every process; on leaving the copy goes back to the CPU, so training keeps FSDP's memory
+    saving.
+    """
+    if not is_sharded(model):
+        yield model
+        return
+    unsharded = _UNSHARDED_COPIES[model]
+    unsharded.to(device)
+    with torch.no_grad():
+        targets = unsharded.state_dict()
+        for name, value in model.state_dict().items():
+            targets[name].copy_(value.full_tensor() if isinstance(value, DTensor) else value)
+    try:
+        yield unsharded
+    finally:
+        unsharded.to("cpu")
 
 
 @contextlib.contextmanager

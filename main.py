@@ -30,8 +30,10 @@ from optimizer import build_optimizer
 from preemption import StopSignals, TrainingStopped, exit_status
 from checkpoint import (CheckpointError, checkpoint_name, load_eval_weights, load_pretrained, resume_candidates,
                         resume_training, save_training_checkpoint)
-from utils import (exit_process, get_rank, get_world_size, init_distributed, is_main_process, keep_freed_memory,
-                   run_lock, seed_everything, shutdown_distributed)
+from fsdp import evaluation_model
+from utils import (PeerFailure, announce_failure, announced_failure, exit_process, fail_together, get_rank,
+                   get_world_size, init_distributed, is_distributed, is_main_process, keep_freed_memory, run_lock,
+                   seed_everything, shutdown_distributed)
 
 logger = logging.getLogger("main")
 
@@ -84,17 +86,23 @@ def prepare_model(config: CfgNode, device: torch.device):
     model = build_model(config)
     logger.info("model %s: %.2fM parameters, %.3f GFLOPs at %d px", config.MODEL.NAME,
                 sum(p.numel() for p in model.parameters()) / 1e6, model.flops() / 1e9, config.DATA.IMG_SIZE)
-    if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        load_pretrained(config, model)
-    if config.TRAIN.FSDP and get_world_size() > 1:
+    with fail_together("loading the pretrained weights"):  # each process reads the file itself
+        if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
+            load_pretrained(config, model)
+    # Under torchrun the model is wrapped for any number of processes, one included, so that one GPU runs the
+    # path that eight run; a single process started without torchrun trains the plain model.
+    if config.TRAIN.FSDP and is_distributed():
         from fsdp import prepare_sharded
         return prepare_sharded(config, model, device)
     if config.TRAIN.FSDP:
-        logger.info("TRAIN.FSDP with one process: nothing to shard; the plain model trains, checkpoints are sharded")
+        logger.info("TRAIN.FSDP without torchrun: nothing to shard; the plain model trains, checkpoints are sharded")
     model.to(device)
     train_model = torch.compile(model) if config.TRAIN.COMPILE else model
-    if get_world_size() > 1:
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if is_distributed():
+        # Every buffer of these models is derived from shapes (position indices, masks) and the same everywhere,
+        # so DDP need not broadcast rank 0's buffers before every forward.
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              broadcast_buffers=False)
     # Only now: DDP has just broadcast rank 0's weights into `model` (each rank initialised its own from its
     # own seed), so every process's EMA starts from the weights all of them train. The EMA copies the bare
     # module, so it holds plain parameters, not compiled or DDP-wrapped ones.
@@ -165,7 +173,8 @@ def run(config: CfgNode, device: torch.device, rank: int, world_size: int) -> in
         run_throughput(config, device)
         return 0
     from data import build_loader
-    loaders = build_loader(config, rank=rank, world_size=world_size, eval_only=config.EVAL_MODE)
+    with fail_together("reading the data"):
+        loaders = build_loader(config, rank=rank, world_size=world_size, eval_only=config.EVAL_MODE)
     model, model_ema, train_model = prepare_model(config, device)
     if config.EVAL_MODE:
         return evaluate_only(config, model, loaders, device)
@@ -182,14 +191,16 @@ def evaluate_only(config: CfgNode, model: nn.Module, loaders, device: torch.devi
     else:
         logger.info("evaluating %s", weights)
     objective = build_objective(config)
-    metrics = validate(model, loaders.val_loader, device, build_precision(config, evaluation=True),
-                       len(loaders.val_dataset), config.PRINT_FREQ, objective=objective)
+    with evaluation_model(model, device) as evaluated:
+        metrics = validate(evaluated, loaders.val_loader, device, build_precision(config, evaluation=True),
+                           len(loaders.val_dataset), config.PRINT_FREQ, objective=objective)
     if objective.name == "classification":
         logger.info("accuracy of the network on the %d test images: acc@1 %.3f%% acc@5 %.3f%% loss %.4f",
                     metrics["count"], metrics["acc1"], metrics["acc5"], metrics["loss"])
-    if is_main_process():
-        with open(os.path.join(config.OUTPUT, "eval.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
+    with fail_together("writing eval.json"):
+        if is_main_process():
+            with open(os.path.join(config.OUTPUT, "eval.json"), "w") as f:
+                json.dump(metrics, f, indent=1)
     return 0
 
 
@@ -218,11 +229,12 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
                     "TRAIN.EPOCHS (now %d); for a new run, give --tag NEW_NAME", state.epoch, resumed_from,
                     config.TRAIN.EPOCHS)
         return 0
-    if is_main_process():
-        # Written only once everything has started, so a failed start leaves the folder as it was.
-        with open(os.path.join(config.OUTPUT, "config.yaml"), "w") as f:
-            f.write(cfg_lib.to_yaml(config))
-    writer = SummaryWriter(config.OUTPUT) if is_main_process() else None
+    with fail_together("writing config.yaml"):
+        if is_main_process():
+            # Written only once everything has started, so a failed start leaves the folder as it was.
+            with open(os.path.join(config.OUTPUT, "config.yaml"), "w") as f:
+                f.write(cfg_lib.to_yaml(config))
+        writer = SummaryWriter(config.OUTPUT) if is_main_process() else None
 
     def log_scalar(tag: str, value: float, step: int) -> None:
         if writer is not None:
@@ -269,14 +281,18 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
                 advice = ("No checkpoint was saved yet: rerun (with the changes above) to start again from the "
                           "beginning.")
             raise NonFiniteLossError(f"{error} {advice}") from error
-        metrics = validate(model, loaders.val_loader, device, eval_precision, len(loaders.val_dataset),
-                           objective=objective)
+        with evaluation_model(model, device) as evaluated:
+            metrics = validate(evaluated, loaders.val_loader, device, eval_precision, len(loaders.val_dataset),
+                               objective=objective)
+            with fail_together("drawing the validation images"):
+                if writer is not None:
+                    objective.log_images(evaluated, loaders.val_dataset, writer, (epoch + 1) * updates_per_epoch)
         # The best figure is kept as "max accuracy"; for SimMIM it is minus the reconstruction loss.
         score = objective.score(metrics)
         is_best = score > state.max_accuracy
         state.max_accuracy = max(state.max_accuracy, score)
         last = epoch == config.TRAIN.EPOCHS - 1
-        stopping = not last and stop.stop_now()
+        stopping = not last and stop.stop_now(current=True)
         if epoch % config.SAVE_FREQ == 0 or last or is_best or stopping:
             save(state, complete=True, acc1=metrics.get("acc1"), is_best=is_best)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_metrics.items()},
@@ -284,17 +300,17 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
                   **({"max_acc1": state.max_accuracy} if objective.higher_is_better
                      else {"best_loss": -state.max_accuracy})}
         if model_ema is not None:
-            ema_metrics = validate(model_ema.module, loaders.val_loader, device, eval_precision,
-                                   len(loaders.val_dataset), objective=objective)
+            with evaluation_model(model_ema.module, device) as evaluated:
+                ema_metrics = validate(evaluated, loaders.val_loader, device, eval_precision,
+                                       len(loaders.val_dataset), objective=objective)
             record.update({f"ema_{k}": v for k, v in ema_metrics.items()})
         logger.info("%s", objective.summary(metrics, state.max_accuracy))
-        for key in [k for k in ("acc1", "acc5", "loss") if k in metrics]:
-            log_scalar(f"val/{key}", metrics[key], (epoch + 1) * updates_per_epoch)
-        if writer is not None:
-            objective.log_images(model, loaders.val_dataset, writer, (epoch + 1) * updates_per_epoch)
-        if is_main_process():
-            with open(os.path.join(config.OUTPUT, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+        with fail_together("writing the epoch's metrics"):
+            for key in [k for k in ("acc1", "acc5", "loss") if k in metrics]:
+                log_scalar(f"val/{key}", metrics[key], (epoch + 1) * updates_per_epoch)
+            if is_main_process():
+                with open(os.path.join(config.OUTPUT, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
         if stopping:
             raise stop.stopped(f"the end of epoch {epoch}",
                                os.path.join(config.OUTPUT, checkpoint_name(epoch, updates_per_epoch, True, config.TRAIN.FSDP)))
@@ -305,12 +321,21 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
 
 
 def cli(argv=None) -> int:
-    """Runs :func:`main`; a failure the user can fix ends with its message and exit code 2, no traceback."""
+    """Runs :func:`main`; a failure the user can fix ends with its message and exit code 2, no traceback.
+
+    Under torchrun a failure of this process alone is announced to the others, which then end at once with its
+    message (``utils.announce_failure``) instead of waiting for this one in a collective; an error that only
+    follows a peer's announced failure (its connection closed) is reported as that failure.
+    """
     from data import DataError
 
+    clean = False  # every process ends at this same point: leaving the process group cannot wait for a peer
     try:
-        return main(argv)
+        status = main(argv)
+        clean = True
+        return status
     except TrainingStopped as stopped:
+        clean = True
         logger.warning("%s", stopped)
         if not logging.getLogger().handlers:
             print(stopped, file=sys.stderr)
@@ -322,14 +347,27 @@ def cli(argv=None) -> int:
         else:
             print(message, file=sys.stderr)
         return exit_status(signal.SIGINT)
-    except (ConfigError, CheckpointError, NonFiniteLossError, DataError) as error:
-        if logging.getLogger().handlers:  # without handlers, logging's last resort would repeat it on stderr
-            logger.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
+    except (ConfigError, CheckpointError, NonFiniteLossError, DataError, PeerFailure) as error:
+        announce_failure(error)
+        _report_error(str(error))
+        return 2
+    except Exception as error:
+        peer = announced_failure()
+        if peer is None:
+            announce_failure(error)
+            raise
+        _report_error(f"stopped because {peer}")
         return 2
     finally:
-        # A process group left open at exit can hang the interpreter's shutdown.
-        shutdown_distributed()
+        if clean:
+            # A process group left open at exit can hang the interpreter's shutdown.
+            shutdown_distributed()
+
+
+def _report_error(message: str) -> None:
+    if logging.getLogger().handlers:  # without handlers, logging's last resort would repeat it on stderr
+        logger.error("%s", message)
+    print(f"error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

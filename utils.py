@@ -10,7 +10,8 @@ import os
 import random
 import socket
 import sys
-from typing import Any, Dict, Iterator, List, Optional
+import threading
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -22,6 +23,18 @@ logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- distributed
+#
+# Two process groups. The default group (NCCL on CUDA, gloo on the CPU) carries what lives on the device: DDP's and
+# FSDP's traffic, validation sums, the loss-health flags. The control group (always gloo) carries what lives on the
+# host: stop requests, run-lock and failure agreement, RNG states, barriers. NCCL takes device tensors only, so a
+# CPU tensor must never reach the default group; every host-side helper below goes through the control group.
+
+# How long a process waits in a collective for its peers; it bounds how long the survivors wait when a peer dies,
+# so that torchrun can restart the group.
+DIST_TIMEOUT = datetime.timedelta(minutes=10)
+
+_control: Dict[str, Any] = {"group": None, "world": None}  # the gloo control group and the default group it serves
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -39,48 +52,102 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
+def launched_by_torchrun() -> bool:
+    """Whether a launcher (torchrun) started this process as one of a job: its rank and rendezvous are set."""
+    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def init_distributed() -> torch.device:
-    """Joins the process group when launched by torchrun (WORLD_SIZE > 1) and picks this process's device.
+    """Picks this process's device and, under torchrun, joins the process group: one launch path for every entry
+    point and any number of processes, ``--nproc_per_node 1`` included, so one GPU under torchrun runs the path
+    that eight run.
 
-    NCCL on CUDA, gloo on CPU. Without a launcher this is one process on one GPU, or on the CPU.
+    NCCL on CUDA, gloo on the CPU. A group that the caller initialised (a tool that joins one itself) is used as it
+    is, whatever its backend. Either way the gloo control group is joined too (see above), and a thread starts that
+    ends this process promptly when a peer announces a failure (:func:`announce_failure`). Without a launcher this
+    is one process on one GPU, or on the CPU, with no group.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not is_distributed():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        # The timeout bounds how long the survivors wait when a peer dies, so torchrun can restart the group.
-        timeout = datetime.timedelta(minutes=10)
-        dist.init_process_group(backend, store=_rendezvous_store(world_size, timeout), rank=int(os.environ["RANK"]),
-                                world_size=world_size, timeout=timeout,
+    if launched_by_torchrun() and not is_distributed():
+        world_size = int(os.environ["WORLD_SIZE"])
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                store=_rendezvous_store(world_size, DIST_TIMEOUT), rank=int(os.environ["RANK"]),
+                                world_size=world_size, timeout=DIST_TIMEOUT,
                                 device_id=device if device.type == "cuda" else None)
-        global _CONTROL_GROUP
-        # Control flags (stop requests) are agreed on CPU tensors every update; under NCCL they get a gloo
-        # group of their own, so agreeing never waits for the GPU.
-        _CONTROL_GROUP = dist.new_group(backend="gloo") if backend == "nccl" else None
+    if is_distributed():
+        control_group()
+        _watch_for_peer_failures()
     return device
 
 
-_CONTROL_GROUP = None  # gloo group for control flags under NCCL; None: the default (gloo) group
+def control_group() -> Optional[dist.ProcessGroup]:
+    """The gloo group for host-side agreement (None when not distributed).
+
+    Made on first use after the default group appears, by whoever initialised that: a collective, which is safe
+    because every caller is itself a collective that all processes reach in the same order.
+    """
+    if not is_distributed():
+        return None
+    if _control["world"] is not dist.group.WORLD:
+        _control["group"] = dist.new_group(backend="gloo", timeout=DIST_TIMEOUT)
+        _control["world"] = dist.group.WORLD
+    return _control["group"]
 
 
 def max_over_processes(value: int) -> int:
-    """The largest ``value`` of all processes (collective on a CPU tensor, no device sync); ``value`` alone
-    in a single process."""
+    """The largest ``value`` of all processes (on the control group, no device sync); ``value`` alone in a single
+    process."""
     if not is_distributed():
         return value
     flag = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group())
     return int(flag.item())
+
+
+def start_max_over_processes(value: int) -> Callable[[], int]:
+    """Starts :func:`max_over_processes` without waiting for it; the returned function waits and gives the result.
+
+    Every process must start these in the same order, among the other control-group collectives.
+    """
+    if not is_distributed():
+        return lambda: value
+    flag = torch.tensor([value], dtype=torch.int64)
+    work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group(), async_op=True)
+
+    def result() -> int:
+        work.wait()
+        return int(flag.item())
+
+    return result
+
+
+def barrier() -> None:
+    """Waits for every process (on the control group: no device work is involved)."""
+    if is_distributed():
+        dist.barrier(group=control_group())
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Process ``src``'s ``value`` (picklable), on every process."""
+    if not is_distributed():
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=src, group=control_group())
+    return shared[0]
+
+
+def gather_objects(value: Any) -> List[Any]:
+    """Every process's ``value`` (picklable), indexed by rank, on every process."""
+    if not is_distributed():
+        return [value]
+    values: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(values, value, group=control_group())
+    return values
 
 
 def _rendezvous_store(world_size: int, timeout: datetime.timedelta) -> dist.Store:
@@ -93,13 +160,18 @@ def _rendezvous_store(world_size: int, timeout: datetime.timedelta) -> dist.Stor
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=int(os.environ["RANK"]) == 0 and not agent_hosts_store, timeout=timeout)
-    return dist.PrefixStore(f"swin/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(_attempt_prefix(), store)
+
+
+def _attempt_prefix() -> str:
+    return f"swin/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def shutdown_distributed() -> None:
     """Leaves the process group, if this process joined one."""
     if is_distributed():
         dist.destroy_process_group()
+    _control.update(group=None, world=None)
 
 
 def exit_process(status: int) -> None:
@@ -122,17 +194,138 @@ def exit_process(status: int) -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over processes, in place; the identity in a single process."""
+    """Sum over processes, in place, on the default group (``tensor`` on this process's device); the identity in a
+    single process."""
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    """Element-wise maximum over processes, in place; the identity in a single process."""
+    """Element-wise maximum over processes, in place, on the default group (``tensor`` on this process's device);
+    the identity in a single process."""
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+# --------------------------------------------------------------------------- failing together
+#
+# A process that fails on its own would leave the others waiting in their next collective until DIST_TIMEOUT. Two
+# mechanisms end every process promptly with the failing process's message:
+# - at the points where one process can fail alone (start-up, rank 0's checkpoint and log writes), the processes
+#   agree on the outcome (:func:`fail_together`): all raise, the failing one its own error, the others
+#   :class:`PeerFailure` with its message;
+# - anywhere else (a loader's bad-data stop on one process, a bug), the failing process announces its failure in
+#   the job's key-value store before it exits (:func:`announce_failure`); a thread of every other process waits for
+#   that key, logs the message and ends its process, even when its main thread is blocked in a collective.
+
+FAILURE_KEY = "failure"
+# The exit status of a process ended by a peer's failure, as for any failure the user can act on.
+PEER_FAILURE_STATUS = 2
+
+
+class PeerFailure(RuntimeError):
+    """Another process of the job failed; the message is its error."""
+
+
+_failure: Dict[str, Any] = {"store": None, "agreed": False}
+
+
+def fail_together(what: str) -> contextlib.AbstractContextManager:
+    """Runs a block that one process may fail alone in; on exit the processes agree on the outcome (a collective).
+
+    If the block raised on any process, every process raises: the failing ones their own error, the others a
+    :class:`PeerFailure` naming the process and its error. Nothing happens between processes when not distributed.
+
+    Args:
+        what: what the block does, for the message ("saving the checkpoint").
+    """
+    return _FailTogether(what)
+
+
+class _FailTogether(contextlib.AbstractContextManager):
+    def __init__(self, what: str):
+        self.what = what
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if not is_distributed() or (error is not None and not isinstance(error, Exception)):
+            return False  # KeyboardInterrupt and exits are not agreed: they end the process as they are
+        messages = gather_objects(None if error is None else _one_line(error))
+        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+        if not failed:
+            return False
+        _failure["agreed"] = True  # every process raises at this point: nothing to announce
+        if error is not None:
+            return False  # this process's own error goes on
+        rank, message = failed[0]
+        raise PeerFailure(f"process {rank} failed while {self.what}: {message}")
+
+
+def mark_failure_agreed() -> None:
+    """Records that the error being raised is raised on every process at the same point (nothing to announce)."""
+    _failure["agreed"] = True
+
+
+def _one_line(error: BaseException) -> str:
+    return str(error).strip() or type(error).__name__
+
+
+def announce_failure(error: BaseException) -> None:
+    """Tells the other processes that this one is ending with ``error`` (unless every process raised it together),
+    so that they end too instead of waiting for it in a collective."""
+    store = _failure["store"]
+    if store is None or _failure["agreed"] or isinstance(error, PeerFailure):
+        return
+    try:
+        store.set(FAILURE_KEY, f"process {get_rank()}: {_one_line(error)}")
+    except Exception:  # noqa: BLE001  (the store may be gone with its host; the launcher still ends the job)
+        logger.debug("could not announce the failure", exc_info=True)
+
+
+def announced_failure() -> Optional[str]:
+    """A peer's announced failure, if there is one (does not wait)."""
+    store = _failure["store"]
+    try:
+        if store is not None and store.check([FAILURE_KEY]):
+            return store.get(FAILURE_KEY).decode()
+    except Exception:  # noqa: BLE001
+        logger.debug("could not read the job's store", exc_info=True)
+    return None
+
+
+def _watch_for_peer_failures() -> None:
+    """Starts the thread that ends this process when a peer announces a failure (once per process).
+
+    It has a store client of its own (a client is not safe to share between threads) and blocks in the store,
+    without the GIL, until the key appears. Under torchrun's own store (or rank 0's, which ends with rank 0) a lost
+    connection ends the thread silently: it is no failure of the job.
+    """
+    if _failure["store"] is not None or not launched_by_torchrun():
+        return
+    store = dist.PrefixStore(_attempt_prefix(), dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=DIST_TIMEOUT,
+        wait_for_workers=False))
+    _failure["store"] = store
+
+    def watch() -> None:
+        watcher = dist.PrefixStore(_attempt_prefix(), dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=DIST_TIMEOUT,
+            wait_for_workers=False))
+        while True:
+            try:
+                watcher.wait([FAILURE_KEY], datetime.timedelta(days=365))
+                message = watcher.get(FAILURE_KEY).decode()
+            except Exception:  # noqa: BLE001  (the store's host ended: the job is over, or its launcher ends it)
+                return
+            if message.startswith(f"process {get_rank()}:"):
+                return  # this process's own announcement: it is ending anyway
+            logger.error("stopping: %s", message)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(PEER_FAILURE_STATUS)
+
+    threading.Thread(target=watch, name="peer-failure-watch", daemon=True).start()
 
 
 # --------------------------------------------------------------------------- seeding and RNG state
@@ -194,12 +387,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def gather_rng_states() -> List[Dict[str, Any]]:
     """Every rank's RNG state, indexed by rank (collective)."""
-    state = get_rng_state()
-    if not is_distributed():
-        return [state]
-    states: List[Any] = [None] * get_world_size()
-    dist.all_gather_object(states, state)
-    return states
+    return gather_objects(get_rng_state())
 
 
 # --------------------------------------------------------------------------- one run per output folder
@@ -268,10 +456,7 @@ def run_lock(output_dir: str, rank: int = 0) -> Iterator[None]:
                 os.ftruncate(fd, 0)
                 os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started "
                              f"{datetime.datetime.now().isoformat(timespec='seconds')}\n".encode())
-    if is_distributed():
-        shared = [error]
-        dist.broadcast_object_list(shared, src=0)
-        error = shared[0]
+    error = broadcast_object(error)
     if error:
         raise ConfigError(error)
     try:

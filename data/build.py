@@ -8,7 +8,6 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from timm.data import Mixup
 from torch.utils.data import DataLoader, Sampler
 from yacs.config import CfgNode
@@ -22,6 +21,7 @@ from data.samplers import (DistributedTrainSampler, ResumableSampler, SeededSamp
                            ShardTrainSampler)
 from data.transforms import build_mixup, build_transform
 from preemption import ignore_stop_signals_in_worker
+from utils import fail_together, get_rank, is_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -267,24 +267,23 @@ def _class_count_message(configured: int, found: int, what: str) -> str:
 
 
 def _prepare_digits_once(root: str) -> None:
-    """Prepares the digits demo set in ``root`` if that folder is missing or empty: in rank 0 only when
-    torch.distributed is initialised (the others wait at a barrier), else in this process. A folder holding
-    anything else is your own dataset (the demo config pointed at your data) and is used as it is."""
+    """Prepares the digits demo set in ``root`` if that folder is missing or empty. A folder holding anything else is
+    your own dataset (the demo config pointed at your data) and is used as it is.
+
+    Under torchrun the first process of each machine (LOCAL_RANK 0) looks and prepares while the others wait, and
+    all of them agree on the outcome before any reads the data. Each process must enter the agreement whatever it
+    sees on the disk: one that looked after the preparation had finished would otherwise skip the wait that the
+    others are in. Several machines sharing a file system take turns under the preparation's own lock.
+    """
+    with fail_together("preparing the digits demo set"):
+        if not is_distributed() or int(os.environ.get("LOCAL_RANK", get_rank())) == 0:
+            _prepare_digits_here(root)
+
+
+def _prepare_digits_here(root: str) -> None:
     if digits_ready(root):
         return
     if holds_other_data(root):
         logger.info("DATA.PREPARE_DIGITS: %s holds other data than the digits demo set; using it as it is", root)
         return
-    if not (dist.is_available() and dist.is_initialized()):
-        prepare_digits(root)
-        return
-    error: Optional[BaseException] = None
-    if dist.get_rank() == 0:
-        try:
-            prepare_digits(root)
-        except Exception as caught:  # re-raised below; rank 0 must reach the barrier or the others hang
-            error = caught
-    dist.barrier()
-    if error is not None:
-        raise error
-
+    prepare_digits(root)
