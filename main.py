@@ -3,6 +3,7 @@
 Runs as one process (one GPU, or the CPU) or under ``torchrun --nproc_per_node N`` with DDP.
 """
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -81,6 +82,13 @@ def build_precision(config: CfgNode, evaluation: bool = False) -> Precision:
     return Precision(enabled=bool(enabled), dtype=getattr(torch, config.AMP_DTYPE))
 
 
+# Every buffer of these models is derived from shapes (position indices, masks) and the same everywhere, so DDP
+# need not broadcast rank 0's buffers before every forward. torch 2.14 renamed the argument (2.11 has the old one).
+_NO_BUFFER_SYNC_IN_FORWARD = ({"forward_sync_buffers": False}
+                              if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                              else {"broadcast_buffers": False})
+
+
 def prepare_model(config: CfgNode, device: torch.device):
     """Model on device (pretrained weights loaded), its EMA, and the compiled/DDP-wrapped training view."""
     model = build_model(config)
@@ -99,10 +107,8 @@ def prepare_model(config: CfgNode, device: torch.device):
     model.to(device)
     train_model = torch.compile(model) if config.TRAIN.COMPILE else model
     if is_distributed():
-        # Every buffer of these models is derived from shapes (position indices, masks) and the same everywhere,
-        # so DDP need not broadcast rank 0's buffers before every forward.
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              broadcast_buffers=False)
+                                              **_NO_BUFFER_SYNC_IN_FORWARD)
     # Only now: DDP has just broadcast rank 0's weights into `model` (each rank initialised its own from its
     # own seed), so every process's EMA starts from the weights all of them train. The EMA copies the bare
     # module, so it holds plain parameters, not compiled or DDP-wrapped ones.
