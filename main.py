@@ -32,9 +32,9 @@ from preemption import StopSignals, TrainingStopped, exit_status
 from checkpoint import (CheckpointError, checkpoint_name, load_eval_weights, load_pretrained, resume_candidates,
                         resume_training, save_training_checkpoint)
 from fsdp import evaluation_model
-from utils import (PeerFailure, announce_failure, announced_failure, exit_process, fail_together, get_rank,
-                   get_world_size, init_distributed, is_distributed, is_main_process, keep_freed_memory, run_lock,
-                   seed_everything, shutdown_distributed)
+from utils import (PeerFailure, announce_failure, announced_failure, describe_process_group, exit_process,
+                   fail_together, get_rank, get_world_size, init_distributed, is_distributed, is_main_process,
+                   keep_freed_memory, run_lock, seed_everything, shutdown_distributed)
 
 logger = logging.getLogger("main")
 
@@ -164,8 +164,8 @@ def main(argv=None) -> int:
 def run(config: CfgNode, device: torch.device, rank: int, world_size: int) -> int:
     """Everything after the config: logging, then throughput, evaluation or training, holding the run folder."""
     setup_logging(config.OUTPUT, rank)
-    logger.info("process %d of %d (pid %d) on %s; output folder %s", rank, world_size, os.getpid(), device,
-                os.path.abspath(config.OUTPUT))
+    logger.info("process %d of %d (pid %d) on %s, %s; output folder %s", rank, world_size, os.getpid(), device,
+                describe_process_group(), os.path.abspath(config.OUTPUT))
     logger.info("global batch %d (%d per process x %d processes x %d accumulation steps); effective lr %.3g, "
                 "warmup lr %.3g, min lr %.3g", config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS,
                 config.DATA.BATCH_SIZE, world_size, config.TRAIN.ACCUMULATION_STEPS, config.TRAIN.BASE_LR,

@@ -85,6 +85,13 @@ def init_distributed() -> torch.device:
     return device
 
 
+def describe_process_group() -> str:
+    """One phrase for the log: the default group's backend and the control group, or that there is none."""
+    if not is_distributed():
+        return "no process group"
+    return f"process group: {dist.get_backend()} (host-side agreement: gloo)"
+
+
 def control_group() -> Optional[dist.ProcessGroup]:
     """The gloo group for host-side agreement (None when not distributed).
 

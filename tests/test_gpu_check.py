@@ -9,8 +9,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "gpu_check.py")
 # Every step, in order: a step dropped from the tool or renamed fails here.
-STEPS = ["gpu-tests", "emulation-tests", "numerics", "demo-bfloat16", "demo-float16", "torchrun",
-         "bench-window-process", "bench-model", "throughput-swin-t", "throughput-swin-b"]
+STEPS = ["gpu-tests", "numerics", "demo-bfloat16", "demo-float16", "torchrun", "bench-window-process",
+         "throughput-swin-t", "throughput-swin-b", "bench-model", "emulation-tests"]
 
 
 def run_check(out, *args):
@@ -42,7 +42,9 @@ def test_smoke_run_passes_every_step(digits_root, tmp_path):
         assert demo["resumed_at"][1] > 0, "the rerun must continue from a mid-epoch checkpoint"
         assert demo["train_loss"][-1] < demo["train_loss"][0]
         assert demo["eval"]["acc1"] == demo["val_acc1"][-1]
-    assert steps["torchrun"]["details"]["backend"] == "gloo"
+    torchrun = steps["torchrun"]["details"]
+    assert [run["backend"] for run in torchrun["runs"].values()] == ["gloo", "gloo"]  # DDP and FSDP in a group
+    assert torchrun["eval_acc1"] == torchrun["runs"]["fsdp"]["val_acc1"]
     assert steps["throughput-swin-b"]["details"]["train_images_per_second"] > 0
     markdown = (tmp_path / "report.md").read_text()
     assert markdown.startswith("# GPU check: PASSED")
@@ -63,6 +65,15 @@ def test_a_failing_step_makes_the_exit_status_non_zero_and_the_run_goes_on(tmp_p
     assert steps["bench-window-process"]["status"] == "passed"
     markdown = (tmp_path / "report.md").read_text()
     assert markdown.startswith("# GPU check: FAILED") and "### numerics: end of the output" in markdown
+
+
+def test_a_spent_budget_skips_the_steps_left_and_the_run_is_incomplete(tmp_path):
+    result, report = run_check(tmp_path, "--quick", "--budget", "0.001")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [step["name"] for step in report["steps"]] == ["gpu-tests", "numerics", "demo-bfloat16", "torchrun",
+                                                          "throughput-swin-t"]
+    assert all(step["status"] == "skipped" and "budget" in step["error"] for step in report["steps"])
+    assert (tmp_path / "report.md").read_text().startswith("# GPU check: INCOMPLETE")
 
 
 def test_unknown_step_is_refused(tmp_path):

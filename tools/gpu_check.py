@@ -1,24 +1,32 @@
 """Everything only a GPU can show, in one command, with a Markdown and JSON report.
 
-    python tools/gpu_check.py --out gpu_check                          # on one CUDA GPU
+    python tools/gpu_check.py --out gpu_check                          # on one CUDA GPU: within 7 minutes
+    python tools/gpu_check.py --quick --out gpu_check                  # the first look: within 3 minutes
     python tools/gpu_check.py --device cpu --smoke --out /tmp/gpu_check   # the same list at toy sizes on the CPU
     python tools/gpu_check.py --only numerics,demo-bfloat16 --out DIR     # a subset of the steps
 
-Steps (each runs as subprocesses under its own time limit; a failing step is reported with the tail of its
-output and the run goes on to the next one):
+Steps, in this order: what only a GPU answers first, so that a run cut short has answered it (each runs as
+subprocesses under its own time limit; a failing step is reported with the tail of its output and the run goes
+on to the next one):
 
-- ``gpu-tests``: ``python -m pytest -m gpu``; ``emulation-tests``: ``tests/test_gpu_emulation.py``;
+- ``gpu-tests``: ``python -m pytest -m gpu``;
 - ``numerics``: forward and backward of Swin-T for each attention path x fused window kernel x float32 /
-  bfloat16 / float16 autocast x eager / ``torch.compile``, compared with the float32 explicit eager path;
+  bfloat16 / float16 autocast, eager, and one case under ``torch.compile`` (``--compile-all``: all twelve),
+  compared with the float32 explicit eager path;
 - ``demo-bfloat16``, ``demo-float16``: the digits demo killed mid-epoch with SIGKILL, auto-resumed to the end
   (the loss must go down), then ``--eval --resume`` of the last checkpoint must reproduce its acc@1 / acc@5;
-- ``torchrun``: ``torch.distributed.run --nproc_per_node 1`` running the training in a process group (NCCL on
-  a GPU, gloo on the CPU) after a DistributedDataParallel step;
-- ``bench-window-process``, ``bench-model``, ``throughput-swin-t``, ``throughput-swin-b``: the benchmarks,
-  whose figures are collected into the report.
+- ``torchrun``: ``torchrun --nproc_per_node 1 main.py`` with DDP and with ``--fsdp`` (NCCL on a GPU, gloo on the
+  CPU; one process takes the path of many), then ``--eval`` of the sharded checkpoint under torchrun;
+- ``bench-window-process``, ``throughput-swin-t``, ``throughput-swin-b``, ``bench-model``: the benchmarks, whose
+  figures are collected into the report;
+- ``emulation-tests``: ``tests/test_gpu_emulation.py`` (CPU emulation of CUDA layouts; last, as CI runs it too).
+
+``--quick`` runs gpu-tests, numerics (eager cases only), demo-bfloat16, torchrun and throughput-swin-t. A whole
+run keeps to a time budget (``--budget``; 420 s by default on a GPU, 180 s with ``--quick``): each step's limit is
+cut to what is left of it, and a step that would start with less than a minimum left is reported as skipped.
 
 ``OUT/report.md``, ``OUT/report.json`` and ``OUT/log.txt`` (every command with its whole output) are written
-after each step; the exit status is 1 when a step failed.
+after each step; the exit status is 1 when a step failed or was skipped.
 """
 import argparse
 import concurrent.futures
@@ -83,7 +91,7 @@ class Sizes:
     numerics_opts: List[str]
     numerics_batch: int
     numerics_img: int
-    numerics_compiled: List[tuple]  # (attn, fused, precision) cases also run under torch.compile
+    numerics_compiled: List[tuple]  # (attn, fused, precision) cases also run under torch.compile (not --quick)
     compile_backend: str  # torch.compile's backend for those
     demo_opts: List[str]
     demo_epochs: int
@@ -101,20 +109,17 @@ def all_numerics_cases() -> List[tuple]:
 
 
 def gpu_sizes() -> Sizes:
-    # Compiling Swin-T forward + backward costs tens of seconds per case, so to stay within the 8 minutes not all
-    # 12 cases are compiled: every attention path x kernel in bfloat16, and float32 / float16 on CUDA's default
-    # path (sdpa, unfused). --compile-all compiles all 12.
-    compiled = [(attn, fused, "bfloat16") for attn in ("sdpa", "explicit") for fused in (False, True)]
-    compiled += [("sdpa", False, "float32"), ("sdpa", False, "float16")]
+    # Compiling Swin-T forward + backward took 42-62 s a case on the H200, so the default run compiles one case,
+    # CUDA's default path in bfloat16, to stay within its 7 minutes. --compile-all compiles all 12.
+    compiled = [("sdpa", False, "bfloat16")]
     return Sizes(
         numerics_cfg=SWIN_T, numerics_opts=["MODEL.DROP_PATH_RATE", "0.0"], numerics_batch=4, numerics_img=224,
         numerics_compiled=compiled, compile_backend="inductor",
         demo_opts=["PRINT_FREQ", "5", "TRAIN.SAVE_ITERS", "5", "TRAIN.EPOCHS", "4"], demo_epochs=4,
         demo_kill_at=(2, 10), demo_subset=None,
-        torchrun_opts=["PRINT_FREQ", "5", "TRAIN.EPOCHS", "1"],
+        torchrun_opts=["PRINT_FREQ", "5", "TRAIN.SAVE_ITERS", "5", "TRAIN.EPOCHS", "1"],
         bench_window=["--device", "cuda", "--dtypes", "float32", "float16", "bfloat16"],
-        bench_model=["--device", "cuda", "--batch", "128", "--settings", "bf16,bf16-compile", "--variants",
-                     "default,fused"],
+        bench_model=["--device", "cuda", "--batch", "128", "--settings", "bf16", "--variants", "default,fused"],
         throughput={"throughput-swin-t": ["--cfg", SWIN_T, "--batch-size", "128"],
                     "throughput-swin-b": ["--cfg", SWIN_B, "--batch-size", "128"]})
 
@@ -134,7 +139,7 @@ def smoke_sizes() -> Sizes:
         numerics_img=32, numerics_compiled=[("sdpa", True, "bfloat16")], compile_backend="aot_eager",
         demo_opts=quick_demo + ["PRINT_FREQ", "2", "TRAIN.SAVE_ITERS", "10", "TRAIN.EPOCHS", "2"], demo_epochs=2,
         demo_kill_at=(1, 12), demo_subset=(40, 10),
-        torchrun_opts=quick_demo + SMALL_MODEL + ["PRINT_FREQ", "5", "TRAIN.EPOCHS", "1"],
+        torchrun_opts=quick_demo + SMALL_MODEL + ["PRINT_FREQ", "5", "TRAIN.SAVE_ITERS", "10", "TRAIN.EPOCHS", "1"],
         bench_window=["--device", "cpu", "--dtypes", "float32", "--batch", "2", "--iters", "1", "--warmup", "1",
                       "--no-compile"],
         bench_model=["--device", "cpu", "--batch", "1", "--img", "64", "--settings", "bf16", "--warmup", "1",
@@ -158,6 +163,7 @@ class Shared:
         self.log_lock = threading.Lock()
         self.prepare_lock = threading.Lock()
         self.digits: Optional[str] = None
+        self.run_deadline: Optional[float] = None  # when the run's budget is spent
 
 
 class Context:
@@ -322,6 +328,8 @@ def step_numerics(ctx: Context) -> Dict[str, Any]:
         command.append("--smoke")
     if ctx.args.compile_all:
         command.append("--compile-all")
+    if ctx.args.quick:
+        command.append("--quick")
     ctx.run(command, check=False)
     if not os.path.exists(output):
         raise StepFailed("the numerics worker wrote no results")
@@ -404,24 +412,46 @@ def step_demo(ctx: Context, amp_dtype: str) -> Dict[str, Any]:
 
 
 def step_torchrun(ctx: Context) -> Dict[str, Any]:
+    """``torchrun --nproc_per_node 1 main.py``, as a multi-GPU job runs it: DDP, then FSDP, then ``--eval`` of the
+    sharded checkpoint under torchrun, which must give the FSDP run's last acc@1 exactly."""
     data = prepare_digits(ctx)
-    output = os.path.join(ctx.work, "torchrun")
-    result = ctx.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-                      str(free_port()), os.path.abspath(__file__), "--worker", "torchrun", "--device",
-                      ctx.args.device, "--", "--cfg", DEMO, "--data-path", data, "--output", output, "--opts"]
-                     + ctx.sizes.torchrun_opts)
-    match = re.search(r"process group: backend (\w+), world size (\d+); DDP step loss ([0-9.]+)", result.stdout)
-    if not match:
-        raise StepFailed("the worker did not report its process group and DDP step")
-    records = read_jsonl(os.path.join(output, DEMO_RUN, "metrics.jsonl"))
-    backend = match.group(1)
     expected = "nccl" if ctx.args.device == "cuda" else "gloo"
-    details = {"backend": backend, "world_size": int(match.group(2)), "ddp_loss": float(match.group(3)),
-               "val_acc1": records[-1]["val_acc1"], "train_loss": records[-1]["train_loss"],
-               "summary": f"backend {backend}, {len(records)} epoch(s), acc@1 {records[-1]['val_acc1']:.2f}"}
-    if backend != expected:
-        raise StepFailed(f"backend {backend}, expected {expected}", details)
+    details: Dict[str, Any] = {"runs": {}}
+    for name, flags in (("ddp", []), ("fsdp", ["--fsdp"])):
+        output = os.path.join(ctx.work, f"torchrun_{name}")
+        ctx.run(torchrun_main(output, data, flags, ctx.sizes.torchrun_opts))
+        backend = logged_backend(os.path.join(output, DEMO_RUN, "log_rank0.txt"))
+        records = read_jsonl(os.path.join(output, DEMO_RUN, "metrics.jsonl"))
+        details["runs"][name] = {"backend": backend, "train_loss": records[-1]["train_loss"],
+                                 "val_acc1": records[-1]["val_acc1"], "val_loss": records[-1]["val_loss"]}
+        if backend != expected:
+            raise StepFailed(f"{name}: main.py under torchrun ran with {backend}, expected process group: "
+                             f"{expected}", details)
+    fsdp_checkpoint = os.path.join(ctx.work, "torchrun_fsdp", DEMO_RUN, "ckpt_epoch_0")
+    eval_output = os.path.join(ctx.work, "torchrun_fsdp_eval")
+    ctx.run(torchrun_main(eval_output, data, ["--fsdp", "--eval", "--resume", fsdp_checkpoint],
+                          ctx.sizes.torchrun_opts))
+    evaluated = read_json(os.path.join(eval_output, DEMO_RUN, "eval.json"))
+    details["eval_acc1"] = evaluated["acc1"]
+    details["backend"] = details["runs"]["fsdp"]["backend"]
+    details["summary"] = ", ".join(f"{name}: {run['backend']}, loss {run['train_loss']:.4f}, acc@1 {run['val_acc1']:.2f}"
+                                   for name, run in details["runs"].items()) + f"; --eval {evaluated['acc1']:.2f}"
+    if evaluated["acc1"] != details["runs"]["fsdp"]["val_acc1"]:
+        raise StepFailed(f"--eval of the sharded checkpoint gave acc@1 {evaluated['acc1']}, the run "
+                         f"{details['runs']['fsdp']['val_acc1']}", details)
     return details
+
+
+def torchrun_main(output: str, data: str, flags: List[str], opts: List[str]) -> List[str]:
+    return ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
+             "main.py", "--cfg", DEMO, "--data-path", data, "--output", output] + flags + ["--opts"] + opts)
+
+
+def logged_backend(log_file: str) -> str:
+    """The default process group's backend that main.py logged at start-up ("none" without a group)."""
+    with open(log_file) as f:
+        match = re.search(r"process group: (\w+)", f.read())
+    return match.group(1) if match else "none"
 
 
 def step_bench_window_process(ctx: Context) -> Dict[str, Any]:
@@ -470,26 +500,33 @@ class Step:
     run: Callable[[Context], Dict[str, Any]]
     timeout_gpu: int
     timeout_smoke: int
+    quick: bool = False
 
 
-# Time limits in seconds: on a GPU (what each step is expected to need, with room), and for --smoke on the CPU (a guard
-# against hangs: each smoke step takes 5 to 30 s of one core on a quiet machine, several times that on a busy one).
+# Time limits in seconds: on a GPU what each step is expected to need, with room (the expected times, from the
+# H200 run of GPU_FACTS.md where a step ran there, sum to about 6 minutes for the default list and 2.5 for --quick;
+# the run's budget caps the total either way), and for --smoke on the CPU a guard against hangs (each smoke step
+# takes 5 to 30 s of one core on a quiet machine, several times that on a busy one). ``quick``: in --quick runs.
 STEPS = [
-    Step("gpu-tests", "the gpu-marked tests (python -m pytest -m gpu)", step_gpu_tests, 300, 180),
-    Step("emulation-tests", "tests/test_gpu_emulation.py", step_emulation_tests, 180, 180),
-    Step("numerics", "forward and backward of each path against float32 explicit eager", step_numerics, 420, 180),
+    Step("gpu-tests", "the gpu-marked tests (python -m pytest -m gpu)", step_gpu_tests, 90, 180, quick=True),
+    Step("numerics", "forward and backward of each path against float32 explicit eager", step_numerics, 150, 180,
+         quick=True),
     Step("demo-bfloat16", "the demo in bfloat16: kill, auto-resume, exact --eval",
-         lambda ctx: step_demo(ctx, "bfloat16"), 240, 240),
+         lambda ctx: step_demo(ctx, "bfloat16"), 90, 240, quick=True),
     Step("demo-float16", "the demo in float16: kill, auto-resume, exact --eval",
-         lambda ctx: step_demo(ctx, "float16"), 240, 240),
-    Step("torchrun", "one process under torch.distributed.run in a process group", step_torchrun, 180, 180),
-    Step("bench-window-process", "benchmarks/bench_window_process.py", step_bench_window_process, 300, 180),
-    Step("bench-model", "benchmarks/bench_model.py: ours against timm", step_bench_model, 480, 180),
+         lambda ctx: step_demo(ctx, "float16"), 90, 240),
+    Step("torchrun", "torchrun --nproc_per_node 1 main.py with DDP and FSDP, --eval of the sharded checkpoint",
+         step_torchrun, 120, 240, quick=True),
+    Step("bench-window-process", "benchmarks/bench_window_process.py", step_bench_window_process, 60, 180),
     Step("throughput-swin-t", "main.py --throughput, Swin-T", lambda ctx: step_throughput(ctx, "throughput-swin-t"),
-         180, 180),
+         60, 180, quick=True),
     Step("throughput-swin-b", "main.py --throughput, Swin-B", lambda ctx: step_throughput(ctx, "throughput-swin-b"),
-         180, 180),
+         60, 180),
+    Step("bench-model", "benchmarks/bench_model.py: ours against timm", step_bench_model, 180, 180),
+    Step("emulation-tests", "tests/test_gpu_emulation.py", step_emulation_tests, 120, 180),
 ]
+# The whole run's time budget on a GPU (seconds), and the least a step is started with.
+BUDGET_GPU, BUDGET_QUICK, MIN_STEP_SECONDS = 420, 180, 20
 
 
 # --------------------------------------------------------------------------- workers (run as subprocesses)
@@ -508,7 +545,7 @@ def numerics_worker(args: argparse.Namespace) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     sizes = smoke_sizes() if args.smoke else gpu_sizes()
-    compiled = all_numerics_cases() if args.compile_all else sizes.numerics_compiled
+    compiled = all_numerics_cases() if args.compile_all else [] if args.quick else sizes.numerics_compiled
 
     def build(attn: str, fused: bool) -> torch.nn.Module:
         config = load_config(sizes.numerics_cfg, opts=sizes.numerics_opts + [
@@ -586,39 +623,6 @@ def device_name(device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, threads: {torch.get_num_threads()})"
 
 
-def torchrun_worker(args: argparse.Namespace, main_args: List[str]) -> int:
-    """Under torchrun: joins a process group, runs a DDP step, then main.py's training inside that group.
-
-    main.py joins a process group only when WORLD_SIZE > 1; joining one here first makes the single process's
-    collectives (validation sums, the loss-health check, the RNG-state gather for checkpoints) go through the
-    backend a multi-GPU run uses.
-    """
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
-    from torch.nn.parallel import DistributedDataParallel
-
-    import main as driver
-    from config import load_config
-    from models import build_model
-
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if args.device == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            device_id=device if device.type == "cuda" else None)
-    model = build_model(load_config(None, opts=MICRO_NUMERICS)).to(device)
-    ddp = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    loss = F.cross_entropy(ddp(torch.randn(2, 3, 32, 32, device=device)), torch.tensor([0, 1], device=device))
-    loss.backward()
-    print(f"process group: backend {dist.get_backend()}, world size {dist.get_world_size()}; "
-          f"DDP step loss {loss.item():.4f}", flush=True)
-    return driver.cli(main_args)
-
-
 # --------------------------------------------------------------------------- the report
 
 def environment(args: argparse.Namespace) -> Dict[str, Any]:
@@ -642,7 +646,7 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
 
 def render_markdown(report: Dict[str, Any]) -> str:
     env = report["environment"]
-    lines = [f"# GPU check: {'PASSED' if report['passed'] else 'FAILED'}", "",
+    lines = [f"# GPU check: {verdict(report)}", "",
              f"`{env['command']}` on {env.get('gpu', 'CPU')} ({'smoke sizes' if env['smoke'] else 'full sizes'}), "
              f"torch {env['torch']}, commit {env.get('commit', '?')}, started {env['started']}, "
              f"{report.get('seconds', 0):.0f} s in all.", "",
@@ -659,6 +663,13 @@ def render_markdown(report: Dict[str, Any]) -> str:
         if step["status"] == "failed" and step.get("output_tail"):
             lines += ["", f"### {step['name']}: end of the output", "", "```"] + step["output_tail"] + ["```"]
     return "\n".join(lines) + "\n"
+
+
+def verdict(report: Dict[str, Any]) -> str:
+    """PASSED, FAILED (a step failed) or INCOMPLETE (none failed, but the budget ran out before some)."""
+    if report["passed"]:
+        return "PASSED"
+    return "FAILED" if any(step["status"] == "failed" for step in report["steps"]) else "INCOMPLETE"
 
 
 def render_numerics(details: Dict[str, Any]) -> List[str]:
@@ -702,8 +713,12 @@ def render_demo(details: Dict[str, Any]) -> List[str]:
 
 
 def render_torchrun(details: Dict[str, Any]) -> List[str]:
-    return [f"- backend {details['backend']}, world size {details['world_size']}; DDP step loss "
-            f"{details['ddp_loss']:.4f}; training: loss {details['train_loss']:.4f}, acc@1 {details['val_acc1']:.2f}"]
+    lines = [f"- `torchrun --nproc_per_node 1 main.py` {'with --fsdp' if name == 'fsdp' else 'with DDP'}: process group "
+             f"{run['backend']}, training loss {run['train_loss']:.4f}, acc@1 {run['val_acc1']:.2f}"
+             for name, run in details["runs"].items()]
+    if "eval_acc1" in details:
+        lines.append(f"- `--fsdp --eval` of the sharded checkpoint under torchrun: acc@1 {details['eval_acc1']:.2f}")
+    return lines
 
 
 def render_bench_window(details: Dict[str, Any]) -> List[str]:
@@ -765,11 +780,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--smoke", action="store_true", help="toy sizes (CPU: under 2 minutes)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the first look: " + ", ".join(s.name for s in STEPS if s.quick)
+                        + " (numerics eager only), within 3 minutes")
+    parser.add_argument("--budget", type=float,
+                        help=f"seconds for the whole run (default on a GPU {BUDGET_GPU}, with --quick {BUDGET_QUICK}; "
+                        "none for --smoke)")
     parser.add_argument("--out", default="gpu_check", help="folder for report.md, report.json and log.txt")
     parser.add_argument("--only", help="comma-separated steps to run, of: " + ", ".join(s.name for s in STEPS))
     parser.add_argument("--digits", default=os.path.join(REPO, "datasets", "digits"),
                         help="the digits demo set (prepared there if missing)")
-    parser.add_argument("--compile-all", action="store_true", help="numerics: compile all 12 cases, not 6")
+    parser.add_argument("--compile-all", action="store_true", help="numerics: compile all 12 cases, not 1")
     parser.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every step's time limit")
     parser.add_argument("--jobs", type=int, default=0,
                         help="steps run at the same time (default: 2 for --device cpu --smoke, else 1, so that "
@@ -777,7 +798,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--keep-work", action="store_true", help="keep the runs' folders (OUT/work)")
     # Multiplies the numerics tolerances: 0 makes every inexact case fail (tests use it to check failure reporting).
     parser.add_argument("--tolerance-scale", type=float, default=1.0, help=argparse.SUPPRESS)
-    parser.add_argument("--worker", choices=["numerics", "torchrun"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["numerics"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-json", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -785,11 +806,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def run_step(step: Step, shared: Shared) -> Dict[str, Any]:
     """Runs one step under its time limit; returns its report entry, never raises."""
     args = shared.args
-    limit = (step.timeout_smoke if args.smoke else step.timeout_gpu) * args.timeout_scale
-    print(f"[gpu_check] {step.name}: {step.title} (limit {limit:.0f} s)", flush=True)
     started = time.time()
+    limit = (step.timeout_smoke if args.smoke else step.timeout_gpu) * args.timeout_scale
+    entry: Dict[str, Any] = {"name": step.name, "title": step.title}
+    if shared.run_deadline is not None:
+        left = shared.run_deadline - started
+        if left < MIN_STEP_SECONDS:
+            entry.update(status="skipped", seconds=0.0, limit_s=0.0,
+                         error=f"skipped: {max(left, 0):.0f} s of the run's budget of {args.budget:.0f} s left")
+            print(f"[gpu_check] {step.name}: {entry['error']}", flush=True)
+            return entry
+        limit = min(limit, left)
+    entry["limit_s"] = limit
+    print(f"[gpu_check] {step.name}: {step.title} (limit {limit:.0f} s)", flush=True)
     ctx = Context(shared, started + limit)
-    entry: Dict[str, Any] = {"name": step.name, "title": step.title, "limit_s": limit}
     try:
         entry["details"] = step.run(ctx)
         entry["status"] = "passed"
@@ -826,7 +856,10 @@ def run_steps(args: argparse.Namespace) -> int:
     log_path = os.path.join(args.out, "log.txt")
     open(log_path, "w").close()
     shared = Shared(args, smoke_sizes() if args.smoke else gpu_sizes(), work, log_path)
-    steps = [s for s in STEPS if s.name in selected]
+    if args.budget is None and not args.smoke:
+        args.budget = BUDGET_QUICK if args.quick else BUDGET_GPU
+    shared.run_deadline = time.time() + args.budget if args.budget else None
+    steps = [s for s in STEPS if s.name in selected and (s.quick or not args.quick or args.only)]
     report: Dict[str, Any] = {"environment": {**environment(args), "jobs": jobs}, "steps": [], "passed": True}
     entries: Dict[str, Dict[str, Any]] = {}
     started = time.time()
@@ -841,7 +874,7 @@ def run_steps(args: argparse.Namespace) -> int:
             write_report(args.out, report)
     if not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"[gpu_check] {'all passed' if report['passed'] else 'FAILED'} in {report['seconds']:.0f} s; report in "
+    print(f"[gpu_check] {verdict(report)} in {report['seconds']:.0f} s; report in "
           f"{os.path.join(args.out, 'report.md')}", flush=True)
     return 0 if report["passed"] else 1
 
@@ -853,8 +886,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     sys.path.insert(0, REPO)
     if args.worker == "numerics":
         return numerics_worker(args)
-    if args.worker == "torchrun":
-        return torchrun_worker(args, main_args)
     return run_steps(args)
 
 
