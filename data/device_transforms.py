@@ -42,7 +42,9 @@ _UNSUPPORTED = "DATA.PIPELINE device cannot run {what}; use DATA.PIPELINE worker
 
 def _mode(interpolation: Any, what: str) -> str:
     if interpolation not in _MODES:
-        raise ConfigError(_UNSUPPORTED.format(what=f"{what} with {interpolation} interpolation",
+        name = getattr(interpolation, "value", None) if isinstance(interpolation, transforms.InterpolationMode) else \
+            getattr(interpolation, "name", str(interpolation)).lower()
+        raise ConfigError(_UNSUPPORTED.format(what=f"{what} with {name} interpolation",
                                               fix="DATA.INTERPOLATION bicubic, bilinear or random"))
     return _MODES[interpolation]
 
