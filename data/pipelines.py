@@ -128,12 +128,15 @@ class DeviceBatch:
     offsets: List[int]  # JPEG i is data[offsets[i]:offsets[i + 1]] (empty for a CPU-decoded image)
     pixels: List[Optional[torch.Tensor]]
     cpu_reasons: List[str]
-    params: Dict[str, torch.Tensor]
+    params: Dict[str, np.ndarray]  # numpy: small arrays travel from the workers in the pickle, not as shared memory
     indices: List[int]
     seeds: List[int]
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def tensor_params(self) -> Dict[str, torch.Tensor]:
+        return {key: torch.from_numpy(value) for key, value in self.params.items()}
 
 
 def collate_device_items(items: Sequence[Tuple[DeviceItem, int]]) -> Tuple[DeviceBatch, torch.Tensor]:
@@ -143,8 +146,7 @@ def collate_device_items(items: Sequence[Tuple[DeviceItem, int]]) -> Tuple[Devic
     offsets = np.concatenate([[0], np.cumsum([len(chunk) for chunk in chunks])]).tolist()
     data = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8) if offsets[-1] else \
         torch.empty(0, dtype=torch.uint8)
-    params = {key: torch.as_tensor(np.asarray([sample.params[key] for sample in samples]))
-              for key in samples[0].params}
+    params = {key: np.asarray([sample.params[key] for sample in samples]) for key in samples[0].params}
     batch = DeviceBatch(data, offsets, [sample.pixels for sample in samples], [s.cpu_reason for s in samples],
                         params, [s.index for s in samples], [s.seed for s in samples])
     return batch, torch.tensor([label for _, label in items], dtype=torch.int64)
@@ -173,7 +175,7 @@ class DeviceStage:
         decoded = decode_jpegs([batch.data[batch.offsets[i]:batch.offsets[i + 1]] for i in jpegs], self.device)
         images: List[Optional[torch.Tensor]] = [None if p is None else p.to(self.device, non_blocking=True)
                                                 for p in batch.pixels]
-        params = batch.params
+        params = batch.tensor_params()
         self.source.num_read += len(batch)  # each image is decoded in this process
         for i, image in zip(jpegs, decoded):
             if image is None:
