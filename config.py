@@ -44,7 +44,6 @@ _C.DATA.MASK_RATIO = 0.6
 # Beyond the reference:
 _C.DATA.MAX_BAD_FRACTION = 0.01  # stop when more than this fraction of the images read are unreadable
 _C.DATA.PREPARE_DIGITS = False  # write the scikit-learn digits demo set into DATA_PATH if it is missing or empty
-# Beyond the reference:
 # auto (device on CUDA, else workers) | workers (loader workers decode and augment with PIL) | device (workers read
 # bytes; JPEG decoding and the whole transform run on the training device in batches), see data/pipelines.py
 _C.DATA.PIPELINE = "auto"

@@ -238,7 +238,9 @@ class DeviceLoader:
         return len(self.loader)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["loader"], name)
+        if name == "loader":  # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
 
     def __iter__(self) -> Iterator[Tuple[Any, torch.Tensor]]:
         device = self.stage.device
