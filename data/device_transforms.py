@@ -15,7 +15,7 @@ each one, and from the first step that gives every image the same size on they a
 """
 import math
 import random
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch

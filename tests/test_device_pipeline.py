@@ -8,16 +8,13 @@ Tolerances, in 8-bit levels (1 level = 1/255 before normalisation):
 - affine ops (rotate, shear, translate): at most 1 level on at most 0.5% of the pixels. Same filter as PIL
   (Keys' cubic a = -1, edge-clamped, truncated), computed in float64; PIL sums in another order, so a value that
   lands within rounding error of a whole number can truncate the other way.
-- resized crop: at most 1 level on at most 1% of the pixels (bicubic; bilinear upscaling: 2 levels, 5%). Torch's antialiased
-  kernels are PIL's filters and we round after each pass as PIL does, but PIL sums with 22-bit fixed-point
-  weights, which round a few half-way values differently.
+- resized crop: at most 1 level on at most 1% of the pixels (bicubic; bilinear upscaling: 2 levels, 5%).
+  Torch's antialiased kernels are PIL's filters and we round after each pass as PIL does, but PIL sums with
+  22-bit fixed-point weights, which round a few half-way values differently.
 """
 import ast
-import io
 import logging
-import math
 import os
-import random
 
 import numpy as np
 import pytest
@@ -33,8 +30,8 @@ from data import device_ops as ops
 from data.datasets import seeded_random_streams
 from data.decode import jpeg_header
 from data.device_transforms import RandAugmentStep, build_device_transform
-from data.pipelines import DeviceItems, collate_device_items, resolve_pipeline
-from tests.test_data import GARBAGE, make_config, make_folder_dataset
+from data.pipelines import resolve_pipeline
+from tests.test_data import make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
