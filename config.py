@@ -44,6 +44,9 @@ _C.DATA.MASK_RATIO = 0.6
 # Beyond the reference:
 _C.DATA.MAX_BAD_FRACTION = 0.01  # stop when more than this fraction of the images read are unreadable
 _C.DATA.PREPARE_DIGITS = False  # write the scikit-learn digits demo set into DATA_PATH if it is missing or empty
+# auto (device on CUDA, else workers) | workers (loader workers decode and augment with PIL) | device (workers read
+# bytes; JPEG decoding and the whole transform run on the training device in batches), see data/pipelines.py
+_C.DATA.PIPELINE = "auto"
 
 # -----------------------------------------------------------------------------
 # Model
@@ -371,6 +374,7 @@ def _check(config: CN) -> None:
     choices = {
         "DATA.DATASET": (config.DATA.DATASET, ("imagenet", "imagenet22K", "folder")),
         "DATA.CACHE_MODE": (config.DATA.CACHE_MODE, ("no", "part", "full")),
+        "DATA.PIPELINE": (config.DATA.PIPELINE, ("auto", "workers", "device")),
         "AMP_DTYPE": (config.AMP_DTYPE, ("float16", "bfloat16")),
         "MODEL.SWIN.ATTN_IMPL": (config.MODEL.SWIN.ATTN_IMPL, ("auto", "sdpa", "explicit")),
         "MODEL.TYPE": (config.MODEL.TYPE, _model_types()),

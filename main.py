@@ -180,7 +180,7 @@ def run(config: CfgNode, device: torch.device, rank: int, world_size: int) -> in
         return 0
     from data import build_loader
     with fail_together("reading the data"):
-        loaders = build_loader(config, rank=rank, world_size=world_size, eval_only=config.EVAL_MODE)
+        loaders = build_loader(config, rank=rank, world_size=world_size, eval_only=config.EVAL_MODE, device=device)
     model, model_ema, train_model = prepare_model(config, device)
     if config.EVAL_MODE:
         return evaluate_only(config, model, loaders, device)

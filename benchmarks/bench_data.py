@@ -1,6 +1,14 @@
 """Loader speed: decode + the full training transform, ours against torchvision's ImageFolder.
 
     python benchmarks/bench_data.py [--num-images 320] [--workers 0 2] [--repeats 5] [--json out.json]
+    python benchmarks/bench_data.py --pipeline device [--device cuda] [--workers 1 2]
+
+``--pipeline workers`` (the default) times the loaders whose workers decode and transform with PIL (timm's
+transform), ours and torchvision's ImageFolder. ``--pipeline device`` times DATA.PIPELINE device on the same
+images side by side with the workers pipeline: what the workers deliver alone (bytes and parameters: images/s per
+worker), the whole pipeline with decoding and the transform on ``--device`` (images/s), the CPU seconds each image
+costs (workers plus main process, from /proc) and the device time per batch (CUDA events on a GPU, wall time on
+the CPU).
 
 Writes full-size JPEGs (500x375, smooth random content plus grain, quality 90) into a temporary folder
 dataset, also converts it to the zip layout, and times one pass over all images per loader with the
@@ -28,7 +36,9 @@ from torchvision.datasets import ImageFolder
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import load_config  # noqa: E402
-from data import build_dataset, build_transform, make_zip_dataset  # noqa: E402
+from data import Pipeline, build_dataset, build_transform, make_zip_dataset  # noqa: E402
+from data.pipelines import DeviceLoader  # noqa: E402
+from data.samplers import SeededSampler, DistributedTrainSampler  # noqa: E402
 
 NUM_CLASSES = 10
 
@@ -71,6 +81,124 @@ class Timer:
         assert count == self.size
 
 
+def cpu_seconds(pids: List[int]) -> float:
+    """User + system CPU seconds used so far by the processes ``pids`` (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+class PipelineTimer:
+    """One DATA.PIPELINE loader (persistent workers) over a dataset, with per-sample seeds as in training."""
+
+    def __init__(self, dataset, pipeline: str, workers: int, batch_size: int, device: torch.device):
+        self.pipeline = Pipeline(pipeline, device)
+        self.device = device
+        sampler = DistributedTrainSampler(len(dataset), seed=0)
+        loader = DataLoader(self.pipeline.worker_dataset(dataset), batch_size=batch_size,
+                            sampler=SeededSampler(sampler, seed=0), num_workers=workers,
+                            collate_fn=self.pipeline.collate_fn, persistent_workers=workers > 0,
+                            pin_memory=device.type == "cuda" and pipeline == "workers")
+        self.inner = loader
+        self.loader = self.pipeline.loader(loader, dataset)
+        self.size = len(dataset)
+        self.results: Dict[str, List[float]] = {"read": [], "worker_cpu": [], "total": [], "cpu": [], "device_ms": []}
+        self.run()  # warm-up: starts the workers, fills the page cache
+        for values in self.results.values():
+            values.clear()
+
+    def pids(self) -> List[int]:
+        iterator = getattr(self.inner, "_iterator", None)
+        workers = [w.pid for w in getattr(iterator, "_workers", [])] if iterator is not None else []
+        return [os.getpid()] + workers
+
+    def run(self) -> None:
+        iter(self.inner)  # starts the persistent workers on the first pass
+        workers = self.pids()[1:] or self.pids()
+        worker_cpu, start = cpu_seconds(workers), time.perf_counter()
+        count = sum(len(labels) for _, labels in self.inner)  # the workers alone
+        self.results["read"].append(time.perf_counter() - start)
+        self.results["worker_cpu"].append(cpu_seconds(workers) - worker_cpu)
+        assert count == self.size
+        cpu_before, start = cpu_seconds(self.pids()), time.perf_counter()
+        device_seconds = []
+        if isinstance(self.loader, DeviceLoader):
+            stage = self.loader.stage
+            for batch, labels in self.inner:
+                batch_start = time.perf_counter()
+                if self.device.type == "cuda":
+                    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    begin.record()
+                    stage(batch, labels)
+                    end.record()
+                    end.synchronize()
+                    device_seconds.append(begin.elapsed_time(end) / 1000)
+                else:
+                    stage(batch, labels)
+                    device_seconds.append(time.perf_counter() - batch_start)
+            stage.log_epoch()
+        else:
+            for images, _ in self.loader:
+                images.to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        self.results["total"].append(time.perf_counter() - start)
+        self.results["cpu"].append(cpu_seconds(self.pids()) - cpu_before)
+        if device_seconds:
+            self.results["device_ms"].append(1000 * statistics.mean(device_seconds))
+
+
+def pipelines_main(args: argparse.Namespace) -> int:
+    """``--pipeline device``: the device pipeline against the workers pipeline on the same images."""
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as root:
+        write_images(root, args.num_images)
+        make_zip_dataset(root, root)
+        opts = ["DATA.DATA_PATH", root, "MODEL.NUM_CLASSES", str(NUM_CLASSES), "DATA.IMG_SIZE", "224"]
+        datasets = {"folder": build_dataset(True, load_config(None, opts)),
+                    "zip (cache full)": build_dataset(True, load_config(None, opts + ["DATA.ZIP_MODE", "True",
+                                                                                      "DATA.CACHE_MODE", "full"]))}
+        timers = {(name, pipeline, workers): PipelineTimer(dataset, pipeline, workers, args.batch_size, device)
+                  for name, dataset in datasets.items() for pipeline in ("workers", "device")
+                  for workers in args.workers}
+        for _ in range(args.repeats):
+            for timer in timers.values():  # interleaved, so that load from elsewhere hits all variants alike
+                timer.run()
+        results = []
+        for (name, pipeline, workers), timer in timers.items():
+            median = {key: statistics.median(values) for key, values in timer.results.items() if values}
+            results.append({"source": name, "pipeline": pipeline, "num_workers": workers,
+                            "worker_images_per_s": round(args.num_images / median["read"], 1),
+                            "worker_images_per_s_per_worker": round(args.num_images / median["read"] / max(workers, 1),
+                                                                    1),
+                            "worker_cpu_ms_per_image": round(1000 * median["worker_cpu"] / args.num_images, 3),
+                            "images_per_s": round(args.num_images / median["total"], 1),
+                            "cpu_ms_per_image": round(1000 * median["cpu"] / args.num_images, 3),
+                            "device_ms_per_batch": round(median.get("device_ms", 0.0), 2)})
+        del timers
+    print(f"{args.num_images} JPEGs 500x375, training transform at 224 px, batch {args.batch_size}, device {device}, "
+          f"median of {args.repeats}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    print("workers img/s: the loader workers alone (reading, and for the device pipeline drawing parameters);")
+    print("worker CPU: their CPU time per image; total: through decoding and the transform on the device; CPU: "
+          "workers plus main process per image")
+    print(f"{'source':<18}{'pipeline':>9}{'workers':>8}{'workers img/s':>15}{'per worker':>12}{'worker CPU ms':>15}"
+          f"{'total img/s':>13}{'CPU ms/img':>12}{'device ms/batch':>17}")
+    for r in results:
+        print(f"{r['source']:<18}{r['pipeline']:>9}{r['num_workers']:>8}{r['worker_images_per_s']:>15.1f}"
+              f"{r['worker_images_per_s_per_worker']:>12.1f}{r['worker_cpu_ms_per_image']:>15.3f}"
+              f"{r['images_per_s']:>13.1f}{r['cpu_ms_per_image']:>12.3f}{r['device_ms_per_batch']:>17.2f}")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"num_images": args.num_images, "batch_size": args.batch_size, "device": str(device),
+                       "repeats": args.repeats, "torch": torch.__version__, "results": results}, file, indent=1)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=320)
@@ -78,10 +206,15 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--pipeline", choices=["workers", "device"], default="workers",
+                        help="workers: PIL loaders against ImageFolder; device: DATA.PIPELINE device against workers")
+    parser.add_argument("--device", default="cpu", help="where the device pipeline decodes and augments (cuda)")
     args = parser.parse_args()
     # DataLoader workers run with one torch thread; the main process does too, so that every row measures
     # what one core does (two threads on a busy 2-core machine made small tensor ops ten times slower).
     torch.set_num_threads(1)
+    if args.pipeline == "device":
+        return pipelines_main(args)
 
     with tempfile.TemporaryDirectory(prefix="bench_data_") as root:
         write_images(root, args.num_images)

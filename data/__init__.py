@@ -1,5 +1,9 @@
 """Data pipeline: datasets for the reference layouts, transforms, Mixup, samplers and loaders.
 
+The flow, one module after the other: sources (``datasets``, ``layout``, ``ziparchive``, ``simmim``) ->
+decoding (``decode``) -> transforms (``transforms``, ``masking``; on the device ``device_transforms``,
+``device_ops``) -> the pipelines and their loaders (``pipelines``, ``samplers``) -> ``build``.
+
 Typical use by the training driver::
 
     from data import build_loader
@@ -14,18 +18,21 @@ from data.build import Loaders, build_dataset, build_loader
 from data.datasets import FolderDataset, ImageDataset, ImageListDataset, ZipDataset
 from data.digits import digits_ready, prepare_digits
 from data.errors import DataError
-from data.samplers import (DistributedTrainSampler, ResumableSampler, SeededSampler, ShardedEvalSampler,
-                           ShardTrainSampler)
+from data.pipelines import Pipeline, resolve_pipeline
+from data.samplers import (DistributedTrainSampler, FixedSeedSampler, ResumableSampler, SeededSampler,
+                           ShardedEvalSampler, ShardTrainSampler)
 from data.transforms import build_mixup, build_transform
 from data.ziparchive import make_zip_dataset
 
 __all__ = [
     "DataError",
     "DistributedTrainSampler",
+    "FixedSeedSampler",
     "FolderDataset",
     "ImageDataset",
     "ImageListDataset",
     "Loaders",
+    "Pipeline",
     "ResumableSampler",
     "SeededSampler",
     "ShardTrainSampler",
@@ -38,4 +45,5 @@ __all__ = [
     "digits_ready",
     "make_zip_dataset",
     "prepare_digits",
+    "resolve_pipeline",
 ]

@@ -1,10 +1,16 @@
-"""Datasets and loaders from the config: the entry points the training driver calls."""
+"""Datasets and loaders from the config: the entry points the training driver calls.
+
+The data flows one way through the package: a source of images (``datasets``, with ``layout``, ``ziparchive``;
+``simmim`` picks SimMIM's sources) -> decoding (``decode``) -> the transform (``transforms``, ``masking``, and on
+the device ``device_transforms`` with ``device_ops``) -> a pipeline and its loader (``pipelines``, ``samplers``)
+-> this module, which builds them from the config.
+"""
 import atexit
 import logging
 import os
 import weakref
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -17,8 +23,10 @@ from data.datasets import FolderDataset, ImageDataset, ImageListDataset, Transfo
 from data.digits import digits_ready, holds_other_data, prepare_digits
 from data.errors import DataError
 from data.layout import FOLDER_LAYOUT, IMAGENET22K_LAYOUT, ZIP_LAYOUT, find_classes, read_map_file
-from data.samplers import (DistributedTrainSampler, ResumableSampler, SeededSampler, ShardedEvalSampler,
-                           ShardTrainSampler)
+from data.pipelines import Pipeline, resolve_pipeline
+from data.samplers import (DistributedTrainSampler, FixedSeedSampler, ResumableSampler, SeededSampler,
+                           ShardedEvalSampler, ShardTrainSampler)
+from data.simmim import VAL_MASK_SEED, build_simmim_datasets
 from data.transforms import build_mixup, build_transform
 from preemption import ignore_stop_signals_in_worker
 from utils import fail_together, get_rank, is_distributed
@@ -38,7 +46,8 @@ class Loaders:
     Attributes:
         train_dataset: the training images.
         val_dataset: the validation images; ``len()`` is the number of validation images.
-        train_loader: yields ``(images float (B, 3, S, S), labels int64 (B,))``, full batches only.
+        train_loader: yields ``(images float (B, 3, S, S), labels int64 (B,))``, full batches only; with the
+            device pipeline a ``data.pipelines.DeviceLoader`` whose images are on the training device already.
         val_loader: the same for validation, this rank's shard, the last batch possibly smaller.
         train_sampler: call ``set_epoch(epoch)`` before each epoch, ``skip(n)`` to resume mid-epoch.
         mixup_fn: timm Mixup/CutMix to apply to each training batch, or None.
@@ -47,8 +56,8 @@ class Loaders:
 
     train_dataset: Optional[ImageDataset]
     val_dataset: ImageDataset
-    train_loader: Optional[DataLoader]
-    val_loader: DataLoader
+    train_loader: Optional[Any]  # a DataLoader, or a DeviceLoader
+    val_loader: Any
     train_sampler: Optional[ResumableSampler]
     mixup_fn: Optional[Mixup]
     class_names: List[str]
@@ -91,36 +100,49 @@ def build_dataset(is_train: bool, config: CfgNode, rank: int = 0, world_size: in
     return dataset
 
 
-def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, eval_only: bool = False) -> Loaders:
+def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, eval_only: bool = False,
+                 device: Optional[torch.device] = None) -> Loaders:
     """Datasets, samplers and loaders for training and validation (or validation only).
 
     Each process loads DATA.BATCH_SIZE images per batch. Training shuffles from SEED + epoch and drops
     the last partial batch; validation gives each rank a disjoint shard covering every image exactly
     once (TEST.SHUFFLE shuffles inside the shard unless TEST.SEQUENTIAL). With DATA.PREPARE_DIGITS the
     digits demo set is first written into DATA.DATA_PATH if that folder is missing or empty.
+
+    Args:
+        device: the training device (default: this process's CUDA device, else the CPU); with DATA.PIPELINE
+            device (or auto on CUDA) the loaders decode and transform there and yield batches on it.
     """
     if config.DATA.PREPARE_DIGITS:
         _prepare_digits_once(config.DATA.DATA_PATH)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    pipeline = Pipeline(resolve_pipeline(config.DATA.PIPELINE, device), device)
+    logger.info("data pipeline: %s (DATA.PIPELINE %s)", pipeline.name, config.DATA.PIPELINE)
     if config.TRAIN.OBJECTIVE == "simmim":
-        from data.simmim import build_simmim_loader  # data.simmim builds on this module
-
-        return build_simmim_loader(config, rank, world_size, eval_only)
+        train_dataset, val_dataset = build_simmim_datasets(config, rank, world_size)
+        val_sampler = FixedSeedSampler(_val_sampler(val_dataset, config, rank, world_size), VAL_MASK_SEED)
+        val_loader = _data_loader(val_dataset, val_sampler, config, pipeline, drop_last=False)
+        if eval_only:
+            return Loaders(None, val_dataset, None, val_loader, None, None, [])
+        train_loader, train_sampler = _train_loader(train_dataset, config, rank, world_size, pipeline)
+        return Loaders(train_dataset, val_dataset, train_loader, val_loader, train_sampler, None, [])
     if eval_only:
         val_dataset = build_dataset(False, config, rank, world_size)
-        val_loader = _val_loader(val_dataset, config, rank, world_size)
+        val_loader = _val_loader(val_dataset, config, rank, world_size, pipeline)
         return Loaders(None, val_dataset, None, val_loader, None, None, val_dataset.class_names)
 
     mixup_fn = build_mixup(config)
     train_dataset = build_dataset(True, config, rank, world_size)
-    train_loader, train_sampler = _train_loader(train_dataset, config, rank, world_size)
+    train_loader, train_sampler = _train_loader(train_dataset, config, rank, world_size, pipeline)
     val_dataset = build_dataset(False, config, rank, world_size)
-    val_loader = _val_loader(val_dataset, config, rank, world_size)
+    val_loader = _val_loader(val_dataset, config, rank, world_size, pipeline)
     return Loaders(train_dataset, val_dataset, train_loader, val_loader, train_sampler, mixup_fn,
                    train_dataset.class_names)
 
 
-def _train_loader(train_dataset: ImageDataset, config: CfgNode, rank: int,
-                  world_size: int) -> Tuple[DataLoader, ResumableSampler]:
+def _train_loader(train_dataset: ImageDataset, config: CfgNode, rank: int, world_size: int,
+                  pipeline: Pipeline) -> Tuple[DataLoader, ResumableSampler]:
     """The training loader (full batches, resumable order, per-sample augmentation seeds) and its sampler."""
     train_sampler: ResumableSampler
     if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == "part":
@@ -131,11 +153,12 @@ def _train_loader(train_dataset: ImageDataset, config: CfgNode, rank: int,
         raise DataError(f"each process gets {len(train_sampler)} training images per epoch, fewer than one batch "
                         f"of DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} (incomplete batches are dropped), so "
                         "no step would run. Lower --batch-size or use more data.")
-    # Each sample's augmentation is seeded from (seed, epoch, position), so a resumed run repeats it exactly.
-    seeded = SeededSampler(train_sampler, seed=config.SEED * 1000 + rank)
+    # Each sample's augmentation is seeded from (seed, epoch, image index), so a resumed run repeats it exactly.
+    seeded = SeededSampler(train_sampler, seed=config.SEED)
     generator = torch.Generator()
     generator.manual_seed(config.SEED + rank)  # the loader's own draws leave the global stream alone
-    return _data_loader(train_dataset, seeded, config, drop_last=True, generator=generator), train_sampler
+    loader = _data_loader(train_dataset, seeded, config, pipeline, drop_last=True, generator=generator)
+    return loader, train_sampler
 
 
 def _val_sampler(val_dataset: ImageDataset, config: CfgNode, rank: int, world_size: int) -> ShardedEvalSampler:
@@ -144,8 +167,9 @@ def _val_sampler(val_dataset: ImageDataset, config: CfgNode, rank: int, world_si
     return ShardedEvalSampler(len(val_dataset), rank, world_size, shuffle_val, config.SEED)
 
 
-def _val_loader(val_dataset: ImageDataset, config: CfgNode, rank: int, world_size: int) -> DataLoader:
-    return _data_loader(val_dataset, _val_sampler(val_dataset, config, rank, world_size), config, drop_last=False)
+def _val_loader(val_dataset: ImageDataset, config: CfgNode, rank: int, world_size: int, pipeline: Pipeline):
+    return _data_loader(val_dataset, _val_sampler(val_dataset, config, rank, world_size), config, pipeline,
+                        drop_last=False)
 
 
 # The loaders with worker processes, so that their workers are stopped before the interpreter exits.
@@ -170,15 +194,18 @@ def _stop_loader_workers() -> None:
 atexit.register(_stop_loader_workers)
 
 
-def _data_loader(dataset: ImageDataset, sampler: Sampler, config: CfgNode, drop_last: bool,
-                 generator: Optional[torch.Generator] = None) -> DataLoader:
+def _data_loader(dataset: ImageDataset, sampler: Sampler, config: CfgNode, pipeline: Pipeline, drop_last: bool,
+                 generator: Optional[torch.Generator] = None):
+    """The loader of ``dataset`` through ``pipeline`` (a DataLoader, or for the device pipeline a loader that
+    yields batches decoded and transformed on the device)."""
     workers = config.DATA.NUM_WORKERS
     loader = DataLoader(
-        dataset,
+        pipeline.worker_dataset(dataset),
         batch_size=config.DATA.BATCH_SIZE,
         sampler=sampler,
         num_workers=workers,
-        pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
+        collate_fn=pipeline.collate_fn,
+        pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available() and pipeline.name == "workers",
         drop_last=drop_last,
         persistent_workers=workers > 0,
         prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
@@ -187,7 +214,7 @@ def _data_loader(dataset: ImageDataset, sampler: Sampler, config: CfgNode, drop_
     )
     if workers > 0:
         _LOADERS_WITH_WORKERS.add(loader)
-    return loader
+    return pipeline.loader(loader, dataset)
 
 
 def _expected_layout(config: CfgNode) -> str:

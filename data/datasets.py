@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import random
-from typing import BinaryIO, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -79,18 +79,28 @@ def too_many_bad(num_bad: int, num_read: int, max_bad_fraction: float) -> bool:
 
 @contextlib.contextmanager
 def seeded_random_streams(seed: int):
-    """Seeds Python's, NumPy's and torch's global random streams (which the transforms draw from) for the
-    duration of the block, then puts back what was there, so the caller's streams do not move."""
-    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    """Seeds Python's, NumPy's and torch's (CPU) global random streams, which the transforms draw from, for the
+    duration of the block, then puts back what was there, so the caller's streams do not move.
+
+    Only torch's CPU generator is seeded (as ``torch.manual_seed`` seeds it): the transforms draw on the CPU,
+    and ``torch.manual_seed`` would also reach every accelerator's generator, which costs about a millisecond
+    a call (a tenth of what a worker spends on an image). In a loader worker, whose streams serve nothing but
+    the transforms, nothing is put back (saving and restoring the states costs as much as seeding).
+    """
+    in_worker = torch.utils.data.get_worker_info() is not None
+    if not in_worker:
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        torch_state = torch.default_generator.get_state()
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(torch_state)
+        if not in_worker:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+            torch.default_generator.set_state(torch_state)
 
 
 class ImageDataset(Dataset):
@@ -128,18 +138,29 @@ class ImageDataset(Dataset):
     def __getitem__(self, item: Union[int, Tuple[int, int]]) -> Tuple[torch.Tensor, int]:
         """Item ``index``, or ``(index, seed)`` to draw its random augmentation from ``seed`` alone."""
         index, seed = item if isinstance(item, tuple) else (item, None)
-        if self.replace_unreadable:
-            image, used = self._first_readable(index)
-            label = int(self.labels[used])
-        else:
-            image, label = self._readable_or_blank(index)
+        image, label, _ = self.read(index)
         if self.transform is not None:
-            if seed is None:
+            with seeded_random_streams(seed) if seed is not None else contextlib.nullcontext():
                 image = self.transform(image)
-            else:
-                with seeded_random_streams(seed):
-                    image = self.transform(image)
         return image, label
+
+    def read(self, index: int, decode: Callable[[BinaryIO], Any] = decode_image) -> Tuple[Any, int, int]:
+        """Image ``index`` read by ``decode`` under the unreadable-image policy (see the module docstring).
+
+        Args:
+            index: the image wanted.
+            decode: turns the encoded stream into what the pipeline works on (a PIL image by default); raises
+                one of ``UNREADABLE_ERRORS`` for an image that cannot be read.
+
+        Returns:
+            What ``decode`` returned (for an unreadable image in evaluation, a black 1x1 PIL image), its label
+            (:func:`unreadable_label` for that image) and the index of the image actually read.
+        """
+        if self.replace_unreadable:
+            image, used = self._first_readable(index, decode)
+            return image, int(self.labels[used]), used
+        image, label = self._readable_or_blank(index, decode)
+        return image, label, index
 
     @property
     def targets(self) -> List[int]:
@@ -158,30 +179,30 @@ class ImageDataset(Dataset):
         """A binary stream over the encoded bytes of image ``index``."""
         raise NotImplementedError
 
-    def _first_readable(self, index: int) -> Tuple[Image.Image, int]:
+    def _first_readable(self, index: int, decode: Callable[[BinaryIO], Any]) -> Tuple[Any, int]:
         """The image at ``index`` or, when it cannot be decoded, the next readable one after it."""
         for step in range(len(self)):
             candidate = (index + step) % len(self)
             self.num_read += 1
             try:
                 with self.open_image(candidate) as stream:
-                    return decode_image(stream), candidate
+                    return decode(stream), candidate
             except UNREADABLE_ERRORS as error:
-                self._count_bad(candidate, error)
+                self.count_bad(candidate, error)
         raise DataError(f"no image of {self.describe()} can be read")
 
-    def _readable_or_blank(self, index: int) -> Tuple[Image.Image, int]:
+    def _readable_or_blank(self, index: int, decode: Callable[[BinaryIO], Any]) -> Tuple[Any, int]:
         """The image at ``index`` and its label or, when it cannot be decoded, a black 1x1 image (the transform
         brings it to the right size) and :func:`unreadable_label`."""
         self.num_read += 1
         try:
             with self.open_image(index) as stream:
-                return decode_image(stream), int(self.labels[index])
+                return decode(stream), int(self.labels[index])
         except UNREADABLE_ERRORS as error:
-            self._count_bad(index, error)
+            self.count_bad(index, error)
         return Image.new("RGB", (1, 1)), unreadable_label(index)
 
-    def _count_bad(self, index: int, error: BaseException) -> None:
+    def count_bad(self, index: int, error: BaseException) -> None:
         """Logs and counts one unreadable image; raises DataError past the limit."""
         self.num_bad += 1
         self.last_bad = self.image_path(index)

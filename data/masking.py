@@ -1,9 +1,10 @@
 """SimMIM's random masks and its pretraining transform.
 
 The mask is drawn from torch's global random stream, inside the transform: the training loader seeds that
-stream per sample from (run seed, rank, epoch, position) (see ``data.samplers.SeededSampler``), so a resumed
+stream per sample from (run seed, epoch, image index) (see ``data.samplers.SeededSampler``), so a resumed
 run draws exactly the same masks as an uninterrupted one; validation seeds it per image (see
-``data.simmim``), so every evaluation masks an image the same way.
+``data.samplers.FixedSeedSampler``), so every evaluation masks an image the same way. The mask is a transform
+step like the others: the device pipeline draws it in the loader workers the same way (``data.device_transforms``).
 """
 import math
 from typing import Callable, Tuple

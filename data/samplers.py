@@ -165,14 +165,15 @@ class ShardedEvalSampler(Sampler[int]):
 class SeededSampler(Sampler[Tuple[int, int]]):
     """Pairs each index of a training sampler with a seed for that sample's random augmentation.
 
-    The seed depends only on ``seed``, the epoch and the sample's position in this rank's epoch order, not
-    on which loader worker fetches it or whether the epoch was resumed half-way, so a resumed run
-    augments every image exactly as the uninterrupted run would have, with any number of workers.
-    ``set_epoch`` and ``skip`` stay on the wrapped sampler.
+    The seed depends only on ``seed``, the epoch and the image's index in the dataset: not on which loader
+    worker fetches it, the batch it falls in, the number of processes or whether the epoch was resumed half-way,
+    so a resumed run augments every image exactly as the uninterrupted run would have, with any number of
+    workers or processes, and both pipelines (``DATA.PIPELINE``) make the same draws for it. ``set_epoch``
+    and ``skip`` stay on the wrapped sampler.
 
     Args:
         sampler: the training sampler whose order is followed.
-        seed: the run's seed; different ranks should pass different seeds.
+        seed: the run's seed.
     """
 
     def __init__(self, sampler: ResumableSampler, seed: int):
@@ -180,16 +181,31 @@ class SeededSampler(Sampler[Tuple[int, int]]):
         self.seed = seed
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        epoch, start = self.sampler.epoch, self.sampler.start
-        for position, index in enumerate(self.sampler, start=start):
-            yield index, sample_seed(self.seed, epoch, position)
+        epoch = self.sampler.epoch
+        for index in self.sampler:
+            yield index, sample_seed(self.seed, epoch, index)
 
     def __len__(self) -> int:
         return len(self.sampler)
 
 
-def sample_seed(seed: int, epoch: int, position: int) -> int:
-    """A 63-bit seed that differs for every (seed, epoch, position)."""
+class FixedSeedSampler(Sampler[Tuple[int, int]]):
+    """Gives each index of ``sampler`` with the seed ``seed + index``: an image's random draws (a SimMIM
+    validation mask) are the same in every evaluation, whatever the shard or batch it falls in."""
+
+    def __init__(self, sampler: Sampler[int], seed: int):
+        self.sampler = sampler
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        return ((index, self.seed + index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that differs for every (seed, epoch, index)."""
     generator = torch.Generator()
-    generator.manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + position)
+    generator.manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + index)
     return int(torch.randint(0, 2 ** 62, (1,), generator=generator))

@@ -1,4 +1,5 @@
-"""Data for SimMIM pretraining: any folder of images (labels ignored), or the zip layout.
+"""The sources of SimMIM pretraining: any folder of images (labels ignored), or the zip layout. ``data.build``
+makes the loaders from them, as for classification.
 
 Where the images are, for DATA.DATA_PATH:
 
@@ -15,13 +16,11 @@ images (negative) in validation.
 """
 import logging
 import os
-from typing import BinaryIO, Iterator, Optional, Sequence, Tuple
+from typing import BinaryIO, Optional, Sequence, Tuple
 
 import numpy as np
-from torch.utils.data import Sampler
 from yacs.config import CfgNode
 
-from data.build import Loaders, _data_loader, _train_loader, _val_sampler
 from data.datasets import FilesDataset, ImageDataset, Transform, ZipDataset
 from data.errors import DataError
 from data.layout import ZIP_LAYOUT, _folder_id, _images_under, read_map_file
@@ -67,21 +66,6 @@ class ImageSubset(ImageDataset):
 
     def open_image(self, index: int) -> BinaryIO:
         return self.base.open_image(int(self.indices[index]))
-
-
-class FixedSeedSampler(Sampler[Tuple[int, int]]):
-    """Gives each index of ``sampler`` with the seed ``seed + index``: an image's random draws (its mask) are the
-    same in every evaluation, whatever the shard or batch it falls in."""
-
-    def __init__(self, sampler: Sampler[int], seed: int):
-        self.sampler = sampler
-        self.seed = seed
-
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
-        return ((index, self.seed + index) for index in self.sampler)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
 
 def _zip_split(config: CfgNode, split: str, transform: Transform, rank: int, world_size: int) -> Optional[ZipDataset]:
@@ -133,15 +117,3 @@ def build_simmim_datasets(config: CfgNode, rank: int = 0,
     logger.info("pretraining data: %d images from %s (labels unused); validation: %d images from %s", len(train),
                 train.describe(), len(val), val.describe())
     return train, val
-
-
-def build_simmim_loader(config: CfgNode, rank: int = 0, world_size: int = 1, eval_only: bool = False) -> Loaders:
-    """:class:`Loaders` for SimMIM: batches are ``([images (B, 3, S, S), masks (B, S/p, S/p)], labels)``."""
-    train, val = build_simmim_datasets(config, rank, world_size)
-    val_loader = _data_loader(val, FixedSeedSampler(_val_sampler(val, config, rank, world_size), VAL_MASK_SEED),
-                              config, drop_last=False)
-    if eval_only:
-        return Loaders(None, val, None, val_loader, None, None, [])
-    train_loader, train_sampler = _train_loader(train, config, rank, world_size)
-    return Loaders(train, val, train_loader, val_loader, train_sampler, None, [])
-

@@ -478,9 +478,11 @@ def test_build_mixup():
         build_mixup(load_config(None, ["DATA.BATCH_SIZE", "3"]))
 
 
-def test_resumed_epoch_repeats_the_augmentation_with_any_number_of_workers(tmp_path):
+@pytest.mark.parametrize("pipeline", ["workers", "device"])
+def test_resumed_epoch_repeats_the_augmentation_with_any_number_of_workers(tmp_path, pipeline):
     root = make_folder_dataset(tmp_path)
-    opts = ["DATA.BATCH_SIZE", "2", "AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc1", "AUG.REPROB", "0.5"]
+    opts = ["DATA.BATCH_SIZE", "2", "AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc1", "AUG.REPROB", "0.5",
+            "DATA.IMG_SIZE", "40", "DATA.PIPELINE", pipeline]
 
     def batches(workers, skip):
         loaders = build_loader(make_config(root, *opts, "DATA.NUM_WORKERS", str(workers)))

@@ -1,5 +1,6 @@
 """Crash safety: kill-and-resume proofs, non-finite losses, a full disk, and hostile input."""
 import hashlib
+import json
 import os
 import random
 import re
@@ -92,18 +93,26 @@ def assert_same_training(straight_dir, resumed_dir, log_name="log_rank0.txt"):
 
 
 @pytest.mark.slow
-def test_sigkill_at_a_random_step_then_auto_resume_is_exact(digits_root, tmp_path):
+@pytest.mark.parametrize("pipeline", ["workers", "device"])
+def test_sigkill_at_a_random_step_then_auto_resume_is_exact(digits_root, tmp_path, pipeline):
     # Loader worker processes too: each sample's augmentation must not depend on which worker made it.
-    workers = ["DATA.NUM_WORKERS", "2"]
-    run_to_end(command(tmp_path / "straight", digits_root, workers))
+    options = ["DATA.NUM_WORKERS", "2", "DATA.PIPELINE", pipeline]
+    run_to_end(command(tmp_path / "straight", digits_root, options))
     step = random.Random().randint(3, 40)
     resumed_dir = tmp_path / "killed" / RUN
-    process = kill_when_logged(command(tmp_path / "killed", digits_root, workers), resumed_dir / "log_rank0.txt",
+    process = kill_when_logged(command(tmp_path / "killed", digits_root, options), resumed_dir / "log_rank0.txt",
                                step)
     assert process.wait(timeout=60) == -signal.SIGKILL, console_tail(process)
-    result = run_to_end(command(tmp_path / "killed", digits_root, workers))
+    result = run_to_end(command(tmp_path / "killed", digits_root, options))
     assert "continuing at epoch" in result.stdout
     assert_same_training(tmp_path / "straight" / RUN, resumed_dir)
+    # --eval of the last checkpoint gives the accuracy the run logged for it.
+    run_to_end(command(tmp_path / "eval", digits_root, options) + ["--eval", "--resume",
+                                                                   str(resumed_dir / "ckpt_epoch_1.pth")])
+    with open(resumed_dir / "metrics.jsonl") as f:
+        logged = json.loads(f.readlines()[-1])
+    with open(tmp_path / "eval" / RUN / "eval.json") as f:
+        assert json.load(f)["acc1"] == logged["val_acc1"]
 
 
 def rank_pid(rank):
