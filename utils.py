@@ -301,6 +301,13 @@ def announced_failure() -> Optional[str]:
     return None
 
 
+def _store_client() -> dist.Store:
+    """A new client of the job's key-value store (torchrun's, at MASTER_ADDR:MASTER_PORT), in this attempt's keys."""
+    return dist.PrefixStore(_attempt_prefix(), dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=DIST_TIMEOUT,
+        wait_for_workers=False))
+
+
 def _watch_for_peer_failures() -> None:
     """Starts the thread that ends this process when a peer announces a failure (once per process).
 
@@ -310,27 +317,21 @@ def _watch_for_peer_failures() -> None:
     """
     if _failure["store"] is not None or not launched_by_torchrun():
         return
-    store = dist.PrefixStore(_attempt_prefix(), dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=DIST_TIMEOUT,
-        wait_for_workers=False))
-    _failure["store"] = store
+    _failure["store"] = _store_client()
 
     def watch() -> None:
-        watcher = dist.PrefixStore(_attempt_prefix(), dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=DIST_TIMEOUT,
-            wait_for_workers=False))
-        while True:
-            try:
-                watcher.wait([FAILURE_KEY], datetime.timedelta(days=365))
-                message = watcher.get(FAILURE_KEY).decode()
-            except Exception:  # noqa: BLE001  (the store's host ended: the job is over, or its launcher ends it)
-                return
-            if message.startswith(f"process {get_rank()}:"):
-                return  # this process's own announcement: it is ending anyway
-            logger.error("stopping: %s", message)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(PEER_FAILURE_STATUS)
+        watcher = _store_client()
+        try:
+            watcher.wait([FAILURE_KEY], datetime.timedelta(days=365))
+            message = watcher.get(FAILURE_KEY).decode()
+        except Exception:  # noqa: BLE001  (the store's host ended: the job is over, or its launcher ends it)
+            return
+        if message.startswith(f"process {get_rank()}:"):
+            return  # this process's own announcement: it is ending anyway
+        logger.error("stopping: %s", message)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(PEER_FAILURE_STATUS)
 
     threading.Thread(target=watch, name="peer-failure-watch", daemon=True).start()
 

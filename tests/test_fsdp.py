@@ -143,7 +143,8 @@ def test_fsdp_kill_mid_epoch_and_auto_resume_gives_the_same_losses(digits_root, 
                                resumed_dir / "log_rank0.txt", random.Random().randint(3, 16), pid_of=rank_pid(1))
     assert process.wait(timeout=600) == 0, "torchrun should restart the group and finish:\n" + console_tail(process)
     with open(resumed_dir / "log_rank1.txt") as f:
-        assert re.search(r"resumed weights from .*ckpt_epoch_\d+_step_\d+\n", f.read())
+        # A kill at the first update of an epoch, before its checkpoint, resumes from the previous epoch's end.
+        assert re.search(r"resumed weights from .*ckpt_epoch_\d+(_step_\d+)?\n", f.read())
     straight_dir = tmp_path / "straight" / RUN
     expected, resumed = losses(straight_dir / "log_rank0.txt"), losses(resumed_dir / "log_rank0.txt")
     assert expected == resumed
