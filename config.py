@@ -9,7 +9,7 @@ import ast
 import logging
 import os
 import tempfile
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -237,6 +237,215 @@ FLAG_TO_KEY = {
 }
 
 
+# The training objectives (see objectives.py) and the model families SimMIM can pretrain.
+OBJECTIVES = ("classification", "simmim")
+SIMMIM_MODEL_TYPES = ("swin", "swinv2")
+
+
+class Valid:
+    """What one config key accepts: a kind of value, optionally a range, choices, a list length or a check.
+
+    Args:
+        kind: ``int``, ``float`` (ints accepted), ``bool``, ``str``, or a list of one of them: ``ints``,
+            ``floats``, ``strs``.
+        low, high: the range of a number, or of every item of a list (inclusive unless ``*_open``).
+        choices: the valid values, or a function that returns them (looked up only when checked).
+        optional: None is accepted too.
+        length: the exact length of a list; ``min_length`` the shortest.
+        ignore_case: choices compare lower-cased (optimizer names, as the reference reads them).
+        test: a function returning what is wrong with a value, or None when it is fine.
+        hint: how to fix a bad value, added to the message.
+        flag: the command-line flag that sets the key, named in the message.
+    """
+
+    def __init__(self, kind: str, low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
+                 high_open: bool = False, choices: Any = None, optional: bool = False, length: Optional[int] = None,
+                 min_length: int = 0, ignore_case: bool = False, test: Optional[Callable[[Any], Optional[str]]] = None,
+                 hint: str = "", flag: str = ""):
+        self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
+        self.choices, self.optional, self.length, self.min_length = choices, optional, length, min_length
+        self.ignore_case, self.test, self.hint, self.flag = ignore_case, test, hint, flag
+
+    def check(self, key: str, value: Any) -> None:
+        """Raises ConfigError naming ``key``, what it accepts and ``value`` when the value is not valid."""
+        problem = self._problem(value)
+        if problem:
+            flag = f" ({self.flag})" if self.flag else ""
+            hint = f" ({self.hint})" if self.hint else ""
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ConfigError(f"{key}{flag} must be {problem}; got {shown!r}{hint}")
+
+    def _problem(self, value: Any) -> Optional[str]:
+        if value is None:
+            return None if self.optional else f"{self._kind_name()} (not None)"
+        is_list = self.kind in ("ints", "floats", "strs")
+        if is_list:
+            if not isinstance(value, (list, tuple)) or not all(_is_kind(v, self.kind[:-1]) for v in value):
+                return self._kind_name()
+            if self.length is not None and len(value) != self.length:
+                return f"a list of {self.length} {_PLURALS[self.kind]}"
+            if len(value) < self.min_length:
+                return f"a list of at least {self.min_length} {_PLURALS[self.kind]}"
+        elif not _is_kind(value, self.kind):
+            return self._kind_name()
+        if not all(self._in_range(v) for v in (value if is_list else [value])):
+            if is_list and self._range_name() == "a positive number":
+                return self._kind_name()
+            if is_list:
+                count = f"{self.length} " if self.length is not None else ""
+                return f"a list of {count}{_PLURALS[self.kind]}, each {self._range_name()}"
+            return self._range_name()
+        choices = self.choices() if callable(self.choices) else self.choices
+        if choices is not None:
+            candidate = value.lower() if self.ignore_case and isinstance(value, str) else value
+            if candidate not in choices:
+                return f"one of {', '.join(map(str, choices))}"
+        return self.test(value) if self.test else None
+
+    def _in_range(self, value: Any) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def _kind_name(self) -> str:
+        names = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string"}
+        positive = "positive " if self.low is not None and self._range_name() == "a positive number" else ""
+        name = names.get(self.kind) or f"a list of {positive}{_PLURALS[self.kind]}"
+        return name + (" or None" if self.optional else "")
+
+    def _range_name(self) -> str:
+        if self.high is None and (self.low == 0 and self.low_open or self.low == 1 and self.kind.startswith("int")):
+            return "a positive number"
+        if self.high is None and self.low == 0:
+            return "0 or more"
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'above' if self.low_open else 'at least'} {_number(self.low)}")
+        if self.high is not None:
+            parts.append(f"{'below' if self.high_open else 'at most'} {_number(self.high)}")
+        return " and ".join(parts)
+
+
+_PLURALS = {"ints": "integers", "floats": "numbers", "strs": "strings"}
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, {"bool": bool, "str": str}[kind])
+
+
+def _auto_augment_problem(policy: str) -> Optional[str]:
+    """What timm's parser finds wrong with an AUG.AUTO_AUGMENT policy string, or None ("none" and "" disable it)."""
+    if policy in ("", "none"):
+        return None
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    hparams = {"translate_const": 100, "img_mean": (124, 116, 104)}
+    build = rand_augment_transform if policy.startswith("rand") else \
+        augment_and_mix_transform if policy.startswith("augmix") else auto_augment_transform
+    try:
+        build(policy, hparams)
+    except (AssertionError, ValueError, KeyError, IndexError) as error:
+        detail = f" (timm: {error})" if str(error) else ""
+        return f"none, or a timm augmentation policy such as rand-m9-mstd0.5-inc1, augmix-m5 or v0{detail}"
+    return None
+
+
+def _int(low: Optional[float] = None, high: Optional[float] = None, **kw: Any) -> Valid:
+    return Valid("int", low, high, **kw)
+
+
+def _float(low: Optional[float] = None, high: Optional[float] = None, **kw: Any) -> Valid:
+    return Valid("float", low, high, **kw)
+
+
+def _choice(*choices: Any, **kw: Any) -> Valid:
+    return Valid("str", choices=choices, **kw)
+
+
+_BOOL, _STR = Valid("bool"), Valid("str")
+_FRACTION = _float(0, 1)  # a probability
+_RATE = _float(0, 1, high_open=True)  # a drop or smoothing rate: 1 would remove everything
+_ATTN_IMPLS = ("auto", "sdpa", "explicit")
+_INTERPOLATIONS = ("random", "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def _family(has_qk_scale: bool = False, has_qkv_bias: bool = True, v2: bool = False,
+            attention: bool = True) -> dict:
+    """The entries of one model family's section (MODEL.SWIN, MODEL.SWINV2 or MODEL.SWIN_MLP), without prefix."""
+    entries = {"PATCH_SIZE": _int(1), "IN_CHANS": _int(1), "EMBED_DIM": _int(1), "DEPTHS": Valid("ints", 1, min_length=1),
+               "NUM_HEADS": Valid("ints", 1, min_length=1), "WINDOW_SIZE": _int(1), "MLP_RATIO": _float(0, low_open=True),
+               "APE": _BOOL, "PATCH_NORM": _BOOL}
+    if has_qkv_bias:
+        entries["QKV_BIAS"] = _BOOL
+    if has_qk_scale:
+        entries["QK_SCALE"] = _float(0, low_open=True, optional=True)
+    if v2:
+        entries["PRETRAINED_WINDOW_SIZES"] = Valid("ints", 0)
+    if attention:
+        entries["ATTN_IMPL"] = _choice(*_ATTN_IMPLS)
+    return entries
+
+
+# Every config key -> what it accepts. _check tests every key against it, and a key of the defaults without an
+# entry stops every run (tests/test_config.py checks that none is missing), so a new key cannot skip the check.
+# Values that depend on other keys (stage lists of one length, heads dividing widths, the image size against the
+# stages, SimMIM's mask grid) are checked after it.
+VALID: Dict[str, Valid] = {
+    "BASE": Valid("strs"),
+    "DATA.BATCH_SIZE": _int(1), "DATA.DATA_PATH": _STR,
+    "DATA.DATASET": _choice("imagenet", "imagenet22K", "folder"), "DATA.IMG_SIZE": _int(1),
+    "DATA.INTERPOLATION": _choice(*_INTERPOLATIONS), "DATA.ZIP_MODE": _BOOL,
+    "DATA.CACHE_MODE": _choice("no", "part", "full"), "DATA.PIN_MEMORY": _BOOL, "DATA.NUM_WORKERS": _int(0),
+    "DATA.MASK_PATCH_SIZE": _int(1),
+    "DATA.MASK_RATIO": _float(0, 1, low_open=True, high_open=True, hint="the fraction of mask squares masked"),
+    "DATA.MAX_BAD_FRACTION": _FRACTION, "DATA.PREPARE_DIGITS": _BOOL,
+    "DATA.PIPELINE": _choice("auto", "workers", "device"),
+    "MODEL.TYPE": Valid("str", choices=lambda: _model_types()),
+    "MODEL.NAME": Valid("str", test=lambda v: None if v else "a name (it names the output folder)"),
+    "MODEL.PRETRAINED": _STR, "MODEL.RESUME": _STR, "MODEL.NUM_CLASSES": _int(1),
+    "MODEL.DROP_RATE": _RATE, "MODEL.DROP_PATH_RATE": _RATE, "MODEL.LABEL_SMOOTHING": _RATE,
+    **{f"MODEL.SWIN.{k}": v for k, v in _family(has_qk_scale=True).items()},
+    **{f"MODEL.SWINV2.{k}": v for k, v in _family(v2=True).items()},
+    **{f"MODEL.SWIN_MLP.{k}": v for k, v in _family(has_qkv_bias=False, attention=False).items()},
+    "MODEL.SIMMIM.NORM_TARGET.ENABLE": _BOOL, "MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE": _int(1),
+    "MODEL.PRETRAINED_CLASS_MAP": _STR, "MODEL.EMA.ENABLE": _BOOL, "MODEL.EMA.DECAY": _FRACTION,
+    "TRAIN.START_EPOCH": _int(0), "TRAIN.EPOCHS": _int(0), "TRAIN.WARMUP_EPOCHS": _int(0),
+    "TRAIN.WEIGHT_DECAY": _float(0), "TRAIN.BASE_LR": _float(0), "TRAIN.WARMUP_LR": _float(0),
+    "TRAIN.MIN_LR": _float(0), "TRAIN.CLIP_GRAD": _float(0, hint="0 turns clipping off"), "TRAIN.AUTO_RESUME": _BOOL,
+    "TRAIN.ACCUMULATION_STEPS": _int(1), "TRAIN.USE_CHECKPOINT": _BOOL,
+    "TRAIN.LR_SCHEDULER.NAME": _choice(*SCHEDULERS), "TRAIN.LR_SCHEDULER.DECAY_EPOCHS": _int(0),
+    "TRAIN.LR_SCHEDULER.DECAY_RATE": _float(0, low_open=True), "TRAIN.LR_SCHEDULER.WARMUP_PREFIX": _BOOL,
+    "TRAIN.LR_SCHEDULER.GAMMA": _float(0, low_open=True), "TRAIN.LR_SCHEDULER.MULTISTEPS": Valid("floats", 0),
+    "TRAIN.OPTIMIZER.NAME": _choice(*OPTIMIZERS, ignore_case=True, flag="--optim"),
+    "TRAIN.OPTIMIZER.EPS": _float(0, low_open=True),
+    "TRAIN.OPTIMIZER.BETAS": Valid("floats", 0, 1, high_open=True, length=2, hint="AdamW's two decay rates, e.g. "
+                                                                                  "[0.9, 0.999]"),
+    "TRAIN.OPTIMIZER.MOMENTUM": _FRACTION, "TRAIN.LAYER_DECAY": _float(0, 1, low_open=True, hint="1.0 turns it off"),
+    "TRAIN.SAVE_ITERS": _int(0), "TRAIN.KEEP_CHECKPOINTS": _int(0, hint="0 keeps every checkpoint"),
+    "TRAIN.MAX_SKIPPED_STEPS": _int(0), "TRAIN.COMPILE": _BOOL, "TRAIN.FSDP": _BOOL,
+    "TRAIN.OBJECTIVE": _choice(*OBJECTIVES),
+    "AUG.COLOR_JITTER": _float(0), "AUG.AUTO_AUGMENT": Valid("str", test=_auto_augment_problem),
+    "AUG.REPROB": _FRACTION, "AUG.REMODE": _choice("const", "rand", "pixel"), "AUG.RECOUNT": _int(1),
+    "AUG.MIXUP": _float(0), "AUG.CUTMIX": _float(0), "AUG.CUTMIX_MINMAX": Valid("floats", 0, 1, length=2, optional=True),
+    "AUG.MIXUP_PROB": _FRACTION, "AUG.MIXUP_SWITCH_PROB": _FRACTION, "AUG.MIXUP_MODE": _choice("batch", "pair", "elem"),
+    "AUG.HFLIP": _FRACTION,
+    "TEST.CROP": _BOOL, "TEST.SEQUENTIAL": _BOOL, "TEST.SHUFFLE": _BOOL, "TEST.AMP_ENABLE": Valid("bool", optional=True),
+    "ENABLE_AMP": _BOOL, "AMP_ENABLE": _BOOL, "AMP_OPT_LEVEL": _choice("", "O0", "O1", "O2"),
+    "OUTPUT": Valid("str", test=lambda v: None if v else "a folder (not empty)"), "TAG": _STR,
+    "SAVE_FREQ": _int(1), "PRINT_FREQ": _int(1), "SEED": _int(0, 2 ** 32 - 1), "EVAL_MODE": _BOOL,
+    "THROUGHPUT_MODE": _BOOL, "LOCAL_RANK": _int(0), "FUSED_WINDOW_PROCESS": _BOOL, "FUSED_LAYERNORM": _BOOL,
+    "AMP_DTYPE": _choice("float16", "bfloat16"),
+}
+
+
 def get_defaults() -> CN:
     """A fresh, unfrozen copy of the defaults."""
     return _C.clone()
@@ -303,10 +512,20 @@ def merge_file(config: CN, path: str, _chain: Sequence[str] = ()) -> None:
             raise ConfigError(f"{path}: not valid YAML: {error}") from error
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of KEY: value, got {type(values).__name__}")
-    for base in values.get("BASE", [""]) or []:
-        if base:
-            merge_file(config, os.path.join(os.path.dirname(path), base), list(_chain) + [path])
+    for base in _base_files(values.get("BASE"), path):
+        merge_file(config, os.path.join(os.path.dirname(path), base), list(_chain) + [path])
     _merge(config, _decode(values), path)
+
+
+def _base_files(base: Any, path: str) -> list:
+    """The files a config file's ``BASE`` lists: a list of paths, or one path written as a plain string."""
+    if base is None or base == "":
+        return []
+    if isinstance(base, str):
+        return [base]
+    if isinstance(base, list) and all(isinstance(item, str) for item in base):
+        return [item for item in base if item]
+    raise ConfigError(f"{path}: BASE must list config files to merge first, e.g. BASE: [base.yaml]; got {base!r}")
 
 
 def _lookup(config: CN, key: str) -> Any:
@@ -348,46 +567,36 @@ def merge_args(config: CN, args: Any) -> None:
 def _check(config: CN) -> None:
     """Rejects values that would fail later, with the key, the valid values and a way to fix it.
 
-    Everything that can be known from the config alone is checked here, before any data is read.
+    Every key is checked against its entry in :data:`VALID` (type, range, choices), then the values that
+    depend on each other. Everything that can be known from the config alone is checked here, before any data
+    is read.
     """
-    positive = {
-        "DATA.BATCH_SIZE": config.DATA.BATCH_SIZE,
-        "DATA.IMG_SIZE": config.DATA.IMG_SIZE,
-        "TRAIN.ACCUMULATION_STEPS": config.TRAIN.ACCUMULATION_STEPS,
-        "MODEL.NUM_CLASSES": config.MODEL.NUM_CLASSES,
-        "MODEL.SWIN.WINDOW_SIZE": config.MODEL.SWIN.WINDOW_SIZE,
-        "MODEL.SWIN.PATCH_SIZE": config.MODEL.SWIN.PATCH_SIZE,
-        "MODEL.SWIN.EMBED_DIM": config.MODEL.SWIN.EMBED_DIM,
-        "MODEL.SWIN.IN_CHANS": config.MODEL.SWIN.IN_CHANS,
-        "SAVE_FREQ": config.SAVE_FREQ,
-        "PRINT_FREQ": config.PRINT_FREQ,
-    }
-    if not (config.EVAL_MODE or config.THROUGHPUT_MODE):
-        positive["TRAIN.EPOCHS"] = config.TRAIN.EPOCHS  # --eval and --throughput train nothing
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be a positive number, got {value}")
-    for key, value in {"DATA.NUM_WORKERS": config.DATA.NUM_WORKERS,
-                       "TRAIN.WARMUP_EPOCHS": config.TRAIN.WARMUP_EPOCHS}.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be 0 or more, got {value}")
-    choices = {
-        "DATA.DATASET": (config.DATA.DATASET, ("imagenet", "imagenet22K", "folder")),
-        "DATA.CACHE_MODE": (config.DATA.CACHE_MODE, ("no", "part", "full")),
-        "DATA.PIPELINE": (config.DATA.PIPELINE, ("auto", "workers", "device")),
-        "AMP_DTYPE": (config.AMP_DTYPE, ("float16", "bfloat16")),
-        "MODEL.SWIN.ATTN_IMPL": (config.MODEL.SWIN.ATTN_IMPL, ("auto", "sdpa", "explicit")),
-        "MODEL.TYPE": (config.MODEL.TYPE, _model_types()),
-        # Lower-cased as the reference does, so --optim AdamW works.
-        "TRAIN.OPTIMIZER.NAME (--optim)": (str(config.TRAIN.OPTIMIZER.NAME).lower(), OPTIMIZERS),
-        "TRAIN.LR_SCHEDULER.NAME": (config.TRAIN.LR_SCHEDULER.NAME, SCHEDULERS),
-    }
-    for key, (value, valid) in choices.items():
-        if value not in valid:
-            raise ConfigError(f"{key} must be one of {', '.join(valid)}; got {value!r}")
+    flat = _flatten(config)
+    missing = sorted(set(flat) - set(VALID))
+    if missing:  # a key added to the defaults without its entry: a mistake in this file, not the user's
+        raise ConfigError(f"config keys without an entry in config.VALID: {', '.join(missing)}")
+    if not (config.EVAL_MODE or config.THROUGHPUT_MODE):  # --eval and --throughput train nothing
+        _int(1).check("TRAIN.EPOCHS", config.TRAIN.EPOCHS)
+    for key, value in flat.items():
+        VALID[key].check(key, value)
+    minmax = config.AUG.CUTMIX_MINMAX
+    if minmax is not None and not minmax[0] < minmax[1]:
+        raise ConfigError(f"AUG.CUTMIX_MINMAX must be [lowest, highest] box fractions with lowest < highest, or "
+                          f"None; got {list(minmax)!r}")
     _check_swin(config)
     _check_schedule(config)
     _check_objective(config)
+
+
+def _flatten(node: CN, prefix: str = "") -> dict:
+    """``{"TRAIN.EPOCHS": 300, ...}`` for every key of ``node``."""
+    flat: dict = {}
+    for name, value in node.items():
+        if isinstance(value, CN):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[prefix + name] = value
+    return flat
 
 
 def _model_types() -> list:
@@ -402,20 +611,10 @@ MODEL_SECTIONS = {"swin": "SWIN", "swinv2": "SWINV2", "swin_mlp": "SWIN_MLP"}
 
 
 def _check_swin(config: CN) -> None:
-    """Stage lists of positive integers, one per stage, and an image size every stage can work on, in the section
-    of the chosen model family (MODEL.SWIN, MODEL.SWINV2 or MODEL.SWIN_MLP)."""
+    """Stage lists of one length, heads that divide each stage's width and an image size every stage can work on,
+    in the section of the chosen model family (MODEL.SWIN, MODEL.SWINV2 or MODEL.SWIN_MLP)."""
     section = MODEL_SECTIONS.get(config.MODEL.TYPE, "SWIN")
     swin, prefix = config.MODEL[section], f"MODEL.{section}"
-    if section != "SWIN":  # _check already checked MODEL.SWIN's
-        for name in ("WINDOW_SIZE", "PATCH_SIZE", "EMBED_DIM", "IN_CHANS"):
-            if swin[name] <= 0:
-                raise ConfigError(f"{prefix}.{name} must be a positive number, got {swin[name]}")
-    if "ATTN_IMPL" in swin and section != "SWIN" and swin.ATTN_IMPL not in ("auto", "sdpa", "explicit"):
-        raise ConfigError(f"{prefix}.ATTN_IMPL must be one of auto, sdpa, explicit; got {swin.ATTN_IMPL!r}")
-    for key, values in ((f"{prefix}.DEPTHS", swin.DEPTHS), (f"{prefix}.NUM_HEADS", swin.NUM_HEADS)):
-        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
-            raise ConfigError(f"{key} must be a list of positive integers, one per stage, like [2, 2, 6, 2]; "
-                              f"got {list(values)!r}")
     if len(swin.DEPTHS) != len(swin.NUM_HEADS):
         raise ConfigError(f"{prefix}.DEPTHS {list(swin.DEPTHS)} ({len(swin.DEPTHS)} stages) and "
                           f"{prefix}.NUM_HEADS {list(swin.NUM_HEADS)} ({len(swin.NUM_HEADS)} entries) need one "
@@ -423,7 +622,7 @@ def _check_swin(config: CN) -> None:
     if "PRETRAINED_WINDOW_SIZES" in swin:
         sizes = list(swin.PRETRAINED_WINDOW_SIZES)
         # Entries beyond the last stage are ignored, as the reference does (the default lists four).
-        if len(sizes) < len(swin.DEPTHS) or not all(isinstance(v, int) and v >= 0 for v in sizes):
+        if len(sizes) < len(swin.DEPTHS):
             raise ConfigError(f"{prefix}.PRETRAINED_WINDOW_SIZES must list one window (0: none) per stage, "
                               f"{len(swin.DEPTHS)} for {prefix}.DEPTHS {list(swin.DEPTHS)}; got {sizes!r}")
     for stage, heads in enumerate(swin.NUM_HEADS):
@@ -432,10 +631,16 @@ def _check_swin(config: CN) -> None:
             raise ConfigError(f"{prefix}.NUM_HEADS[{stage}] = {heads} must divide the width of stage {stage} "
                               f"({prefix}.EMBED_DIM {swin.EMBED_DIM} x 2^{stage} = {dim})")
     # Each stage after the first halves the map of PATCH_SIZE patches; the last one needs at least one token.
-    min_size = swin.PATCH_SIZE * 2 ** (len(swin.DEPTHS) - 1)
+    min_size = encoder_stride(config)
     if config.DATA.IMG_SIZE < min_size:
         raise ConfigError(f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} is too small: with {prefix}.PATCH_SIZE "
                           f"{swin.PATCH_SIZE} and {len(swin.DEPTHS)} stages it must be at least {min_size}")
+
+
+def encoder_stride(config: CN) -> int:
+    """Image pixels per token of the last stage: PATCH_SIZE x 2^(stages - 1) of the chosen family."""
+    swin = config.MODEL[MODEL_SECTIONS.get(config.MODEL.TYPE, "SWIN")]
+    return swin.PATCH_SIZE * 2 ** (len(swin.DEPTHS) - 1)
 
 
 def _check_schedule(config: CN) -> None:
@@ -446,7 +651,7 @@ def _check_schedule(config: CN) -> None:
                           f"got {sched.DECAY_EPOCHS}")
     if sched.NAME == "multistep" and sched.MULTISTEPS:
         steps = list(sched.MULTISTEPS)
-        if not all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in steps) or steps != sorted(steps):
+        if steps != sorted(steps):
             raise ConfigError(f"TRAIN.LR_SCHEDULER.MULTISTEPS must be epochs in increasing order, got {steps!r}")
         # The reference asserts this too: a milestone inside the warmup would be overwritten by it.
         if steps[0] < config.TRAIN.WARMUP_EPOCHS:
@@ -454,15 +659,11 @@ def _check_schedule(config: CN) -> None:
                               f"must be at least TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS})")
 
 
-# The training objectives (see objectives.py) and the model families SimMIM can pretrain.
-OBJECTIVES = ("classification", "simmim")
-SIMMIM_MODEL_TYPES = ("swin", "swinv2")
 
 
 def _check_objective(config: CN) -> None:
-    """TRAIN.OBJECTIVE, and for SimMIM a mask grid that fits the image and the model's patches."""
-    if config.TRAIN.OBJECTIVE not in OBJECTIVES:
-        raise ConfigError(f"TRAIN.OBJECTIVE must be one of {', '.join(OBJECTIVES)}; got {config.TRAIN.OBJECTIVE!r}")
+    """For SimMIM: a model family it can pretrain, and a mask grid that fits the image, the patches and the
+    decoder, which rebuilds the image from tokens of the last stage."""
     if config.TRAIN.OBJECTIVE != "simmim":
         return
     if config.MODEL.TYPE not in SIMMIM_MODEL_TYPES:
@@ -470,12 +671,15 @@ def _check_objective(config: CN) -> None:
                           f"{config.MODEL.TYPE!r}")
     mask_patch, size = config.DATA.MASK_PATCH_SIZE, config.DATA.IMG_SIZE
     patch = config.MODEL[MODEL_SECTIONS[config.MODEL.TYPE]].PATCH_SIZE
-    if mask_patch <= 0 or size % mask_patch or mask_patch % patch:
+    if size % mask_patch or mask_patch % patch:
         raise ConfigError(f"DATA.MASK_PATCH_SIZE {mask_patch} must divide DATA.IMG_SIZE {size} and be a multiple "
                           f"of the model's PATCH_SIZE {patch}, e.g. --opts DATA.MASK_PATCH_SIZE {patch}")
-    if not 0.0 < config.DATA.MASK_RATIO < 1.0:
-        raise ConfigError(f"DATA.MASK_RATIO must be between 0 and 1 (the fraction of squares masked); got "
-                          f"{config.DATA.MASK_RATIO}")
+    stride = encoder_stride(config)
+    if size % stride:
+        fits = " or ".join(str(n * stride) for n in (size // stride, size // stride + 1) if n > 0)
+        raise ConfigError(f"DATA.IMG_SIZE {size} must be a multiple of {stride} for SimMIM: the decoder rebuilds "
+                          f"the image from the last stage's tokens, each {stride} px wide (PATCH_SIZE {patch} x "
+                          f"2^(stages - 1)); e.g. --opts DATA.IMG_SIZE {fits}")
     norm = config.MODEL.SIMMIM.NORM_TARGET
     if norm.ENABLE and (norm.PATCH_SIZE <= 1 or norm.PATCH_SIZE % 2 == 0):
         raise ConfigError(f"MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE must be an odd number above 1 (a window centred on "

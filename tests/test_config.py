@@ -131,3 +131,51 @@ def test_yaml_round_trip():
     config = load_config(None, opts=["TAG", "round"])
     again = cfg_lib.from_yaml(cfg_lib.to_yaml(config))
     assert again == config
+
+
+def test_every_key_of_the_defaults_has_an_entry_in_the_validation_table():
+    """A key added to the defaults must say what it accepts, or no run starts; an entry without a key is stale."""
+    flat = cfg_lib._flatten(cfg_lib.get_defaults())
+    assert sorted(set(flat) - set(cfg_lib.VALID)) == []
+    assert sorted(set(cfg_lib.VALID) - set(flat)) == []
+    for key, value in flat.items():  # every default is valid
+        cfg_lib.VALID[key].check(key, value)
+
+
+def test_a_key_missing_from_the_table_stops_the_start(monkeypatch):
+    monkeypatch.delitem(cfg_lib.VALID, "AUG.MIXUP_MODE")
+    with pytest.raises(ConfigError, match=r"config keys without an entry in config.VALID: AUG.MIXUP_MODE"):
+        load_config(None)
+
+
+@pytest.mark.parametrize("opts,message", [
+    (["TEST.AMP_ENABLE", "True"], None), (["TEST.AMP_ENABLE", "None"], None),
+    (["AUG.CUTMIX_MINMAX", "[0.2, 0.8]"], None), (["MODEL.SWIN.QK_SCALE", "0.125"], None),
+    (["TRAIN.OPTIMIZER.NAME", "AdamW"], None), (["AUG.AUTO_AUGMENT", "augmix-m5"], None),
+    (["AUG.CUTMIX_MINMAX", "[0.8, 0.2]"], r"AUG.CUTMIX_MINMAX must be \[lowest, highest\]"),
+    (["AUG.CUTMIX_MINMAX", "0.5"], r"AUG.CUTMIX_MINMAX must be a list of numbers or None; got 0.5"),
+    (["MODEL.SWIN.QK_SCALE", "-1.0"], r"MODEL.SWIN.QK_SCALE must be a positive number"),
+    (["MODEL.SWINV2.ATTN_IMPL", "flash"], r"MODEL.SWINV2.ATTN_IMPL must be one of auto, sdpa, explicit"),
+    (["TRAIN.OPTIMIZER.BETAS", "[0.9, 1.5]"], r"BETAS must be a list of 2 numbers, each at least 0 and below 1"),
+    (["TRAIN.LAYER_DECAY", "0.0"], r"TRAIN.LAYER_DECAY must be above 0 and at most 1; got 0.0 \(1.0 turns it off\)"),
+    (["DATA.INTERPOLATION", "cubic"], r"DATA.INTERPOLATION must be one of random, nearest, bilinear, bicubic"),
+    (["SEED", "-1"], r"SEED must be at least 0"),
+])
+def test_table_accepts_and_refuses(opts, message):
+    if message is None:
+        load_config(None, opts=opts)
+    else:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, opts=opts)
+
+
+def test_base_must_list_files(tmp_path):
+    path = write(tmp_path / "five.yaml", "BASE: 5\n")
+    with pytest.raises(ConfigError, match=r"five.yaml: BASE must list config files to merge first, e.g. "
+                                          r"BASE: \[base.yaml\]; got 5"):
+        load_config(path)
+
+
+def test_base_written_as_one_string_is_one_file(tmp_path):
+    write(tmp_path / "parent.yaml", "TAG: from_parent\n")
+    assert load_config(write(tmp_path / "child.yaml", "BASE: parent.yaml\n")).TAG == "from_parent"

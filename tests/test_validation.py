@@ -46,11 +46,21 @@ def assert_config_error(argv, data, capsys, message):
     ((), ["MODEL.TYPE", "vit"], r"MODEL\.TYPE must be one of swin, swin_mlp, swinv2; got 'vit'"),
     ((), ["DATA.IMG_SIZE", "3"], r"DATA\.IMG_SIZE 3 is too small: .*PATCH_SIZE 4 and 3 stages .* at least 16"),
     ((), ["DATA.IMG_SIZE", "15"], r"DATA\.IMG_SIZE 15 is too small"),
-    ((), ["TRAIN.EPOCHS", "0"], r"TRAIN\.EPOCHS must be a positive number, got 0"),
-    ((), ["TRAIN.EPOCHS", "-3"], r"TRAIN\.EPOCHS must be a positive number, got -3"),
+    ((), ["TRAIN.EPOCHS", "0"], r"TRAIN\.EPOCHS must be a positive number; got 0"),
+    ((), ["TRAIN.EPOCHS", "-3"], r"TRAIN\.EPOCHS must be a positive number; got -3"),
     ((), ["TRAIN.WARMUP_EPOCHS", "-1"], r"TRAIN\.WARMUP_EPOCHS must be 0 or more"),
     ((), ["TRAIN.LR_SCHEDULER.NAME", "step", "TRAIN.LR_SCHEDULER.DECAY_EPOCHS", "0"],
      r"TRAIN\.LR_SCHEDULER\.DECAY_EPOCHS must be a positive number"),
+    # Values the start-up check let through before it had one entry per key (issue 25).
+    ((), ["AUG.MIXUP_MODE", "bogus"], r"AUG\.MIXUP_MODE must be one of batch, pair, elem; got 'bogus'"),
+    ((), ["TEST.AMP_ENABLE", "maybe"], r"TEST\.AMP_ENABLE must be True or False or None; got 'maybe'"),
+    ((), ["TRAIN.OPTIMIZER.BETAS", "[0.9]"], r"TRAIN\.OPTIMIZER\.BETAS must be a list of 2 numbers; got \[0\.9\]"),
+    ((), ["MODEL.DROP_PATH_RATE", "1.5"], r"MODEL\.DROP_PATH_RATE must be at least 0 and below 1; got 1\.5"),
+    ((), ["AUG.AUTO_AUGMENT", "garbage"], r"AUG\.AUTO_AUGMENT must be none, or a timm augmentation policy .*'garbage'"),
+    ((), ["AUG.REPROB", "2"], r"AUG\.REPROB must be at least 0 and at most 1; got 2\.0"),
+    ((), ["TRAIN.EPOCHS", "None"], r"TRAIN\.EPOCHS must be an integer \(not None\); got None"),
+    ((), ["TRAIN.OBJECTIVE", "simmim", "DATA.IMG_SIZE", "40", "DATA.MASK_PATCH_SIZE", "8"],
+     r"DATA\.IMG_SIZE 40 must be a multiple of 16 for SimMIM: .* e\.g\. --opts DATA\.IMG_SIZE 32 or 48"),
 ])
 def test_bad_value_stops_before_the_data(tmp_path, capsys, flags, opts, message):
     argv, data = start(tmp_path, flags, opts)
