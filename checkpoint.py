@@ -5,11 +5,12 @@ import os
 import pickle
 import shutil
 import zipfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import yaml
 
+from checksums import Digest, DigestWriter, file_digest, zip_damage
 from engine import EpochState
 from fsdp import is_sharded, load_full_state_dict
 from utils import (barrier, fail_together, gather_rng_states, get_rank, get_world_size, is_main_process,
@@ -27,15 +28,18 @@ class CheckpointError(RuntimeError):
 # --------------------------------------------------------------------------- checkpoint files
 
 def load_checkpoint_file(path: str) -> Dict[str, Any]:
-    """Reads a checkpoint with ``weights_only=True`` and turns every failure into a clear message.
+    """Checks a checkpoint's checksum, then reads it with ``weights_only=True``; every failure is a clear message.
 
     Raises:
         CheckpointError: missing, truncated or corrupt file, or a pickle that would run code.
     """
     if os.path.isdir(path) and is_sharded_checkpoint(path):
         return load_sharded_state(path)
+    if os.path.isdir(path):
+        raise CheckpointError(_folder_without_checkpoint(path))
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    verify_checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -50,6 +54,65 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
     return checkpoint
 
 
+def _folder_without_checkpoint(path: str) -> str:
+    """The message for a folder given where a checkpoint was expected."""
+    found = resume_candidates(path)
+    if found:
+        return (f"{path} is a run folder, not a checkpoint: give one of its checkpoint files, e.g. {found[0]} (its "
+                f"newest)")
+    return (f"{path} is a folder without a checkpoint in it: give a checkpoint file (.pth), or a sharded checkpoint "
+            f"folder (one holding .metadata and {SHARDED_STATE})")
+
+
+def verify_checkpoint_file(path: str) -> None:
+    """Checks a checkpoint file before it is loaded: against the size and CRC-32 that its run's manifest recorded
+    when it was written, else (a file without a record: a released file, a copy) against the CRC-32 of each record
+    of its zip container. Legacy (non-zip) files without a record cannot be checked.
+
+    Raises:
+        CheckpointError: the file is not what was written.
+    """
+    recorded = recorded_digests(path)
+    try:
+        if recorded:
+            digest = file_digest(path)
+            if digest not in recorded:
+                raise CheckpointError(
+                    f"{path} is truncated or corrupt: it has {digest.describe()}, but when it was written {MANIFEST} "
+                    f"recorded {recorded[0].describe()}, so bytes were changed or lost since. Use another checkpoint "
+                    "(auto-resume falls back to the previous one by itself), or copy the file again from a good copy")
+            return
+        damage = zip_damage(path)
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from error
+    if damage:
+        raise CheckpointError(f"{path} is truncated or corrupt: {damage}. Use another checkpoint, or copy the file "
+                              "again from a good copy")
+
+
+def recorded_digests(path: str) -> List[Digest]:
+    """The checksums a manifest recorded for ``path`` (a checkpoint file, ``ckpt_best.pth``, or a file inside a
+    sharded checkpoint folder), the current one first; empty when none did."""
+    folder, name = os.path.split(os.path.abspath(path))
+    manifest = read_manifest_dict(folder, quiet=True)
+    for entry in manifest["checkpoints"]:
+        if entry.get("file") == name:
+            return _record_digests(entry)
+    if name == BEST and manifest.get("best"):
+        return _record_digests(manifest["best"])
+    parent, folder_name = os.path.split(folder)
+    for entry in read_manifest_dict(parent, quiet=True)["checkpoints"]:
+        if entry.get("file") == folder_name and name in (entry.get("files") or {}):
+            return [Digest(*entry["files"][name])]
+    return []
+
+
+def _record_digests(record: Dict[str, Any]) -> List[Digest]:
+    if "crc32" not in record:  # written before checksums were recorded
+        return []
+    return [Digest(record["size"], record["crc32"])] + [Digest(*pending) for pending in record.get("pending", [])]
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -58,8 +121,14 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
+def atomic_torch_save(obj: Any, path: str, before_replace: Optional[Callable[[Digest], None]] = None) -> Digest:
     """Writes ``obj`` to ``path`` so that a crash at any moment leaves either the old file or the new one.
+
+    Args:
+        before_replace: called with the new file's digest once it is on disk, before it takes the final name.
+
+    Returns:
+        The size and CRC-32 of the file written (computed while writing).
 
     Raises:
         CheckpointError: the write failed (disk full, no permission); ``path`` is untouched.
@@ -67,9 +136,12 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = DigestWriter(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(writer.digest)
         os.replace(tmp, path)
         _fsync_dir(os.path.dirname(os.path.abspath(path)))
     except (OSError, RuntimeError) as error:
@@ -77,6 +149,7 @@ def atomic_torch_save(obj: Any, path: str) -> None:
             os.remove(tmp)
         raise CheckpointError(f"could not write checkpoint {path}: {error}. The previous checkpoints are intact; "
                               f"free space or fix permissions on {os.path.dirname(os.path.abspath(path))}") from error
+    return writer.digest
 
 
 def _atomic_write_text(text: str, path: str) -> None:
@@ -93,17 +166,33 @@ def _atomic_write_text(text: str, path: str) -> None:
         raise CheckpointError(f"could not write {path}: {error}") from error
 
 
-def read_manifest(output_dir: str) -> List[Dict[str, Any]]:
-    """The valid checkpoints of a run, oldest first (entries: file, epoch, step, complete, acc1)."""
+def read_manifest_dict(output_dir: str, quiet: bool = False) -> Dict[str, Any]:
+    """A run's manifest: ``checkpoints`` (the valid ones, oldest first; entries: file, epoch, step, complete, acc1,
+    size and crc32 or, for a sharded folder, files) and ``best`` (``ckpt_best.pth``: epoch, step, score, acc1, the
+    checkpoint it copies, size, crc32), or None. Empty when there is none or it is unreadable."""
     path = os.path.join(output_dir, MANIFEST)
     if not os.path.isfile(path):
-        return []
+        return {"checkpoints": [], "best": None}
     try:
         with open(path) as f:
-            return json.load(f)["checkpoints"]
-    except (ValueError, KeyError) as error:
-        logger.warning("ignoring unreadable checkpoint manifest %s (%s); scanning the folder instead", path, error)
-        return []
+            manifest = json.load(f)
+        return {"checkpoints": list(manifest["checkpoints"]), "best": manifest.get("best")}
+    except (ValueError, KeyError, TypeError, OSError) as error:
+        if not quiet:
+            logger.warning("ignoring unreadable checkpoint manifest %s (%s); scanning the folder instead", path,
+                           error)
+        return {"checkpoints": [], "best": None}
+
+
+def read_manifest(output_dir: str) -> List[Dict[str, Any]]:
+    """The valid checkpoints of a run, oldest first (entries: file, epoch, step, complete, acc1, checksums)."""
+    return read_manifest_dict(output_dir)["checkpoints"]
+
+
+def write_manifest(output_dir: str, entries: List[Dict[str, Any]], best: Optional[Dict[str, Any]]) -> None:
+    """Replaces the manifest of ``output_dir`` atomically."""
+    _atomic_write_text(json.dumps({"checkpoints": entries, "best": best}, indent=1),
+                       os.path.join(output_dir, MANIFEST))
 
 
 def checkpoint_name(epoch: int, step: int, complete: bool, sharded: bool = False) -> str:
@@ -113,35 +202,107 @@ def checkpoint_name(epoch: int, step: int, complete: bool, sharded: bool = False
     return name if sharded else name + ".pth"
 
 
+BEST = "ckpt_best.pth"
+
+
 def save_checkpoint(state: Dict[str, Any], output_dir: str, epoch: int, step: int, complete: bool,
                     keep: int, acc1: Optional[float] = None, is_best: bool = False) -> str:
-    """Writes a training checkpoint atomically, records it in the manifest and applies retention.
+    """Writes a training checkpoint atomically, records it with its checksum in the manifest and applies retention.
 
-    Keeps the newest ``keep`` checkpoints plus the best one (``ckpt_best.pth``, a copy).
+    Keeps the newest ``keep`` checkpoints plus the best one (``ckpt_best.pth``, a copy, replaced only by a better
+    one; see :func:`save_best`).
 
     Returns:
         The path written.
     """
     name = checkpoint_name(epoch, step, complete)
     path = os.path.join(output_dir, name)
-    atomic_torch_save(state, path)
+    digest = atomic_torch_save(state, path, before_replace=_pending_record(output_dir, name))
+    best = None
     if is_best:
-        atomic_torch_save(state, os.path.join(output_dir, "ckpt_best.pth"))
-    _record_checkpoint(output_dir, name, epoch, step, complete, keep, acc1)
+        best = save_best(state, output_dir, name, epoch, step, state.get("max_accuracy"), acc1)
+    _record_checkpoint(output_dir, {"file": name, "epoch": epoch, "step": step, "complete": complete, "acc1": acc1,
+                                    "size": digest.size, "crc32": digest.crc32}, keep, best)
     logger.info("saved %s", path)
     return path
 
 
-def _record_checkpoint(output_dir: str, name: str, epoch: int, step: int, complete: bool, keep: int,
-                       acc1: Optional[float]) -> None:
-    """Lists a written checkpoint (file or sharded folder) in the manifest and removes those past retention."""
-    entries = [e for e in read_manifest(output_dir) if e["file"] != name]
-    entries.append({"file": name, "epoch": epoch, "step": step, "complete": complete, "acc1": acc1})
+def _pending_record(output_dir: str, name: str) -> Callable[[Digest], None]:
+    """What :func:`atomic_torch_save` calls before a file takes its final name: when the manifest already records a
+    file of that name (ckpt_best.pth, or a position saved again), the new checksum is recorded beside the old one
+    first, so that a crash between the rename and the manifest's update leaves a file the manifest accepts."""
+    def record(digest: Digest) -> None:
+        manifest = read_manifest_dict(output_dir)
+        records = [e for e in manifest["checkpoints"] if e.get("file") == name]
+        if name == BEST and manifest["best"]:
+            records.append(manifest["best"])
+        for entry in (r for r in records if "crc32" in r):
+            entry["pending"] = [list(digest)]
+        if any("pending" in r for r in records):
+            write_manifest(output_dir, manifest["checkpoints"], manifest["best"])
+    return record
+
+
+def _describe_score(score: Optional[float], acc1: Optional[float]) -> str:
+    if acc1 is not None:
+        return f"acc@1 {acc1:.2f}%"
+    if score is not None:
+        return f"validation loss {-score:.4f}" if score <= 0 else f"score {score:.4f}"
+    return "score unknown"
+
+
+def save_best(obj: Dict[str, Any], output_dir: str, source: str, epoch: int, step: int, score: Optional[float],
+              acc1: Optional[float] = None) -> Optional[Dict[str, Any]]:
+    """Writes ``obj`` as ``ckpt_best.pth`` when ``score`` (acc@1, or minus the loss) beats the best the folder
+    holds, and logs which checkpoint replaces which.
+
+    Returns:
+        The manifest's new ``best`` record, or None when the folder's best was kept.
+    """
+    held = read_manifest_dict(output_dir)["best"] or _unrecorded_best(output_dir)
+    new = f"epoch {epoch}" + ("" if step == 0 else f" update {step}") + f" ({_describe_score(score, acc1)})"
+    if held and held.get("score") is not None and score is not None and score <= held["score"]:
+        logger.info("%s kept: it holds epoch %s (%s), at least as good as %s", BEST, held.get("epoch"),
+                    _describe_score(held["score"], held.get("acc1")), new)
+        return None
+    digest = atomic_torch_save(obj, os.path.join(output_dir, BEST), before_replace=_pending_record(output_dir, BEST))
+    if held:
+        logger.info("%s is now %s from %s, replacing epoch %s (%s)", BEST, new, source, held.get("epoch"),
+                    _describe_score(held.get("score"), held.get("acc1")))
+    else:
+        logger.info("%s is now %s from %s", BEST, new, source)
+    return {"file": BEST, "source": source, "epoch": epoch, "step": step, "score": score, "acc1": acc1,
+            "size": digest.size, "crc32": digest.crc32}
+
+
+def _unrecorded_best(output_dir: str) -> Optional[Dict[str, Any]]:
+    """The epoch and score of a ``ckpt_best.pth`` that the manifest does not describe (written by an earlier version),
+    read without loading its tensors; None when there is none or it is unreadable."""
+    path = os.path.join(output_dir, BEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        held = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {"epoch": held.get("epoch"), "score": held.get("max_accuracy"), "acc1": None}
+    except Exception:  # an unreadable old best is replaced, as before  # noqa: BLE001
+        return None
+
+
+def _record_checkpoint(output_dir: str, entry: Dict[str, Any], keep: int,
+                       best: Optional[Dict[str, Any]] = None) -> None:
+    """Lists a written checkpoint (file or sharded folder) in the manifest (with a new ``best`` record, if given) and
+    removes those past retention."""
+    manifest = read_manifest_dict(output_dir)
+    entries = [e for e in manifest["checkpoints"] if e["file"] != entry["file"]]
+    entries.append(entry)
     stale = entries[:-keep] if keep > 0 else []
     entries = entries[len(stale):]
-    _atomic_write_text(json.dumps({"checkpoints": entries}, indent=1), os.path.join(output_dir, MANIFEST))
-    for entry in stale:
-        stale_path = os.path.join(output_dir, entry["file"])
+    held = best or manifest["best"]
+    if held:
+        held.pop("pending", None)
+    write_manifest(output_dir, entries, held)
+    for old in stale:
+        stale_path = os.path.join(output_dir, old["file"])
         if os.path.isdir(stale_path):
             shutil.rmtree(stale_path, ignore_errors=True)
         elif os.path.exists(stale_path):
@@ -156,7 +317,7 @@ def resume_candidates(output_dir: str) -> List[str]:
     if not os.path.isdir(output_dir):
         return []
     files = [os.path.join(output_dir, f) for f in os.listdir(output_dir)
-             if f.startswith("ckpt_") and f != "ckpt_best.pth"
+             if f.startswith("ckpt_") and f != BEST
              and (f.endswith(".pth") or is_sharded_checkpoint(os.path.join(output_dir, f)))]
     return sorted(files, key=os.path.getmtime, reverse=True)
 
@@ -592,6 +753,7 @@ def load_sharded_state(path: str) -> Dict[str, Any]:
         if not os.path.isfile(os.path.join(path, name)):
             raise CheckpointError(f"cannot read {path}: the sharded checkpoint has no {name} (incomplete)")
     _check_shard_files(path)
+    verify_sharded_files(path)
     state = load_checkpoint_file(os.path.join(path, SHARDED_STATE))
     state["sharded_dir"] = path
     return state
@@ -708,6 +870,7 @@ def save_sharded_training_checkpoint(config, model, optimizer, lr_scheduler, sca
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint {final}: {str(error).strip()[:800]}. The previous "
                               f"checkpoints are intact; free space or fix permissions on {config.OUTPUT}") from error
+    _write_shard_digests(tmp, get_rank())
     released = full_model_state_dict(model) if complete or is_best else None
     barrier()  # every process's shards are on disk
     with fail_together("finishing a sharded checkpoint"):  # only rank 0 writes the rest
@@ -718,11 +881,15 @@ def save_sharded_training_checkpoint(config, model, optimizer, lr_scheduler, sca
                 "model_ema": model_ema is not None,
                 **_run_state(config, lr_scheduler, scaler, state, complete, rng),
             }
+            files = _collect_shard_digests(tmp, get_world_size())
+            digests = {}
             if complete:
-                atomic_torch_save({"model": released}, os.path.join(tmp, RELEASED_MODEL))
-            atomic_torch_save(run_state, os.path.join(tmp, SHARDED_STATE))  # last: its presence marks a whole folder
+                digests[RELEASED_MODEL] = atomic_torch_save({"model": released}, os.path.join(tmp, RELEASED_MODEL))
+            # Last: its presence marks a whole folder.
+            digests[SHARDED_STATE] = atomic_torch_save(run_state, os.path.join(tmp, SHARDED_STATE))
             _fsync_dir(tmp)
             if os.path.exists(final):  # the same position saved again (a resumed run): replace it
+                _forget_file_digests(config.OUTPUT, name)
                 old = f"{final}.old"
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
@@ -731,10 +898,77 @@ def save_sharded_training_checkpoint(config, model, optimizer, lr_scheduler, sca
             else:
                 os.replace(tmp, final)
             _fsync_dir(config.OUTPUT)
+            best = None
             if is_best:
-                atomic_torch_save({"model": released, "epoch": state.epoch, "max_accuracy": state.max_accuracy,
-                                   "config": to_yaml(config)}, os.path.join(config.OUTPUT, "ckpt_best.pth"))
-            _record_checkpoint(config.OUTPUT, name, state.epoch, state.update, complete,
-                               config.TRAIN.KEEP_CHECKPOINTS, acc1)
+                best = save_best({"model": released, "epoch": state.epoch, "max_accuracy": state.max_accuracy,
+                                  "config": to_yaml(config)}, config.OUTPUT, name, state.epoch, state.update,
+                                 state.max_accuracy, acc1)
+            entry = {"file": name, "epoch": state.epoch, "step": state.update, "complete": complete, "acc1": acc1}
+            if files is not None:
+                entry["files"] = {file: list(digest) for file, digest in sorted({**files, **digests}.items())}
+            _record_checkpoint(config.OUTPUT, entry, config.TRAIN.KEEP_CHECKPOINTS, best)
             logger.info("saved %s (sharded over %d processes)", final, get_world_size())
     return final
+
+
+def _write_shard_digests(folder: str, rank: int) -> None:
+    """Writes the checksums of the files this process wrote into a sharded checkpoint folder (its ``__RANK_*.distcp``
+    shards; rank 0 also ``.metadata``) beside them, for rank 0 to record in the manifest. A file that cannot be
+    read back is left out, so the checkpoint gets no checksum record (nothing else changes)."""
+    names = [n for n in os.listdir(folder) if n.startswith(f"__{rank}_") and n.endswith(".distcp")]
+    if rank == 0:
+        names.append(".metadata")
+    try:
+        digests = {name: list(file_digest(os.path.join(folder, name))) for name in names}
+        _atomic_write_text(json.dumps(digests), os.path.join(folder, f".digests_{rank}.json"))
+    except (OSError, CheckpointError) as error:
+        logger.warning("no checksums for the shards of process %d in %s: %s", rank, folder, error)
+
+
+def _collect_shard_digests(folder: str, world_size: int) -> Optional[Dict[str, Digest]]:
+    """Every process's shard checksums of a sharded checkpoint folder (the side files removed), or None when one
+    process's are missing."""
+    digests: Dict[str, Digest] = {}
+    complete = True
+    for rank in range(world_size):
+        path = os.path.join(folder, f".digests_{rank}.json")
+        try:
+            with open(path) as f:
+                digests.update({name: Digest(*value) for name, value in json.load(f).items()})
+            os.remove(path)
+        except (OSError, ValueError, TypeError):
+            complete = False
+    return digests if complete else None
+
+
+def _forget_file_digests(output_dir: str, name: str) -> None:
+    """Drops the file checksums of the manifest entry ``name`` before its sharded folder is replaced, so that a crash
+    during the replacement leaves no record that the new files would contradict."""
+    manifest = read_manifest_dict(output_dir)
+    entries = manifest["checkpoints"]
+    if any(e.get("file") == name and "files" in e for e in entries):
+        for entry in entries:
+            if entry.get("file") == name:
+                entry.pop("files", None)
+        write_manifest(output_dir, entries, manifest["best"])
+
+
+def verify_sharded_files(path: str) -> None:
+    """Checks every file of a sharded checkpoint folder against the checksums its run's manifest recorded (each
+    process checks all of them, so all reach the same verdict); nothing when the manifest records none.
+
+    Raises:
+        CheckpointError: a recorded file is missing, or its size or CRC-32 differs.
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    entry = next((e for e in read_manifest_dict(parent, quiet=True)["checkpoints"] if e.get("file") == name), None)
+    for file, recorded in sorted(((entry or {}).get("files") or {}).items()):
+        recorded = Digest(*recorded)
+        try:
+            digest = file_digest(os.path.join(path, file))
+        except OSError as error:
+            raise CheckpointError(f"cannot read {path}: its file {file} is unreadable ({error})") from error
+        if digest != recorded:
+            raise CheckpointError(f"{path} is truncated or corrupt: its file {file} has {digest.describe()}, but when "
+                                  f"it was written {MANIFEST} recorded {recorded.describe()}. Use another checkpoint "
+                                  "(auto-resume falls back to the previous one by itself)")

@@ -163,10 +163,11 @@ def test_fsdp_run_resumes_a_ddp_single_file_checkpoint(tmp_path):
         assert result["weight_diff"] == result["ema_diff"] == result["moment_diff"] == 0.0, (rank, result)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing", "metadata"])
+@pytest.mark.parametrize("damage", ["truncated", "missing", "metadata", "flipped"])
 def test_auto_resume_falls_back_past_a_sharded_checkpoint_with_a_damaged_file(tmp_path, caplog, damage):
-    """A shard file copied in part, lost, or a damaged DCP metadata: the newest folder is passed over (the same
-    way on every process, from the metadata and the file sizes) and the run resumes from the previous one."""
+    """A shard file copied in part, lost, a damaged DCP metadata, or bytes changed inside a shard (its length kept):
+    the newest folder is passed over (the same way on every process, from the metadata, the file sizes and the
+    checksums the manifest recorded) and the run resumes from the previous one."""
     from engine import EpochState
     from checkpoint import save_training_checkpoint
 
@@ -187,6 +188,12 @@ def test_auto_resume_falls_back_past_a_sharded_checkpoint_with_a_damaged_file(tm
         os.truncate(shard, os.path.getsize(shard) // 2)
     elif damage == "missing":
         os.remove(shard)
+    elif damage == "flipped":
+        with open(shard, "r+b") as f:
+            f.seek(os.path.getsize(shard) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
     else:
         with open(os.path.join(newest, ".metadata"), "wb") as f:
             f.write(b"\x80\x04 not a whole pickle")
@@ -198,5 +205,5 @@ def test_auto_resume_falls_back_past_a_sharded_checkpoint_with_a_damaged_file(tm
     assert path == saved[0] and state.epoch == 0
     assert torch.equal(resumed.head.bias, torch.full_like(resumed.head.bias, 1.0))
     assert f"cannot resume from {newest}" in caplog.text
-    assert {"truncated": "is truncated", "missing": "is missing", "metadata": ".metadata is truncated or corrupt"}[
-        damage] in caplog.text
+    assert {"truncated": "is truncated", "missing": "is missing", "metadata": ".metadata is truncated or corrupt",
+            "flipped": "is truncated or corrupt: its file __0_0.distcp has"}[damage] in caplog.text
