@@ -29,6 +29,7 @@ from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
 from preemption import StopSignals, TrainingStopped, exit_status
+from run_history import set_aside_other_history
 from checkpoint import (CheckpointError, checkpoint_name, load_eval_weights, load_pretrained, resume_candidates,
                         resume_training, save_training_checkpoint)
 from fsdp import evaluation_model
@@ -237,6 +238,8 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
         return 0
     with fail_together("writing config.yaml"):
         if is_main_process():
+            # What another run left beyond this run's starting point is moved aside, never replaced (run_history.py).
+            set_aside_other_history(config.OUTPUT, resumed_from, (state.epoch, state.update))
             # Written only once everything has started, so a failed start leaves the folder as it was.
             with open(os.path.join(config.OUTPUT, "config.yaml"), "w") as f:
                 f.write(cfg_lib.to_yaml(config))

@@ -30,6 +30,8 @@ SPLIT_SEED = 0
 JPEG_QUALITY = 95
 # Written last: a root holding it is complete.
 COMPLETE_MARKER = ".digits-complete"
+# Marks a staging folder as made by prepare_digits (only such a folder is ever removed).
+STAGING_MARKER = ".digits-staging"
 
 
 def digits_ready(root: str) -> bool:
@@ -68,22 +70,39 @@ def prepare_digits(root: str) -> None:
         if holds_other_data(root):
             raise DataError(f"{root} is not empty and holds no prepared digits dataset (no {COMPLETE_MARKER} "
                             "file). Remove it or prepare the digits into another folder.")
-        # Whatever an interrupted preparation left in the staging folder is discarded; under the lock no
-        # other process is writing there.
-        staging = f"{root}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
+        staging = _new_staging_folder(root)
         try:
             counts = _write_folders(staging)
             make_zip_dataset(staging, staging)
             open(os.path.join(staging, COMPLETE_MARKER), "w").close()
             os.replace(staging, root)  # also replaces an empty folder at root
+            os.remove(os.path.join(root, STAGING_MARKER))
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if os.path.isfile(os.path.join(staging, STAGING_MARKER)):
+                shutil.rmtree(staging, ignore_errors=True)
         # Removed only once the dataset is complete: a process still waiting on this file then finds it
         # ready, while after a failure the next preparation must queue on the same file.
         os.remove(lock_path)
     logger.info("prepared the digits dataset in %s: %d train and %d val images", root, counts[0], counts[1])
+
+
+def _new_staging_folder(root: str) -> str:
+    """An empty staging folder for ``root``: the hidden sibling ``.<name>.staging``, marked as this tool's by a file
+    inside. What an interrupted preparation left there is discarded (under the lock no other process is writing
+    there); a folder of that name without the mark is not this tool's and is left alone.
+
+    Raises:
+        DataError: a folder of the staging name exists and was not made by this tool.
+    """
+    staging = os.path.join(os.path.dirname(root), f".{os.path.basename(root)}.staging")
+    if os.path.lexists(staging):
+        if not os.path.isfile(os.path.join(staging, STAGING_MARKER)):
+            raise DataError(f"{staging} exists and was not made by the digits preparation (it has no "
+                            f"{STAGING_MARKER}); move it away, or prepare the digits into another folder")
+        shutil.rmtree(staging)
+    os.makedirs(staging)
+    open(os.path.join(staging, STAGING_MARKER), "w").close()
+    return staging
 
 
 @contextlib.contextmanager
