@@ -651,6 +651,11 @@ def resume_training(config, model, optimizer, lr_scheduler, scaler=None, model_e
     if not checkpoint.get("complete", True):  # reference checkpoints are written at epoch ends
         state.epoch = checkpoint["epoch"]
         _restore_position(state, checkpoint, config, batches_per_epoch)
+        # The epoch's loss so far is known when the epoch continues at the checkpoint's own position.
+        if state.update and state.images != checkpoint.get("images"):
+            state.loss_sum = None
+        elif state.update:
+            state.loss_sum = checkpoint.get("loss_sum")
     # The schedule counts updates from the start of training at the current sizes.
     lr_scheduler.step_update(state.epoch * updates_per_epoch + state.update)
     logger.info("continuing at epoch %d, update %d (%d images of the epoch done; max accuracy so far %.2f%%); "
@@ -694,6 +699,7 @@ def _run_state(config, lr_scheduler, scaler, state: EpochState, complete: bool, 
         "step": state.update,
         "complete": complete,
         "images": state.images,
+        "loss_sum": state.loss_sum if not complete else None,
         "world_size": get_world_size(),
         "skipped_steps": state.skipped_total,
         "rng": rng,

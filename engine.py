@@ -80,6 +80,9 @@ class EpochState:
     skipped_total: int = 0
     images: int = 0  # training images of this epoch done, all processes together (set when saving)
     max_accuracy: float = 0.0
+    # The training loss summed over this epoch's micro-batches done (set when saving mid-epoch), so that a resumed
+    # epoch reports the mean of the whole epoch; None: unknown (a checkpoint that did not store it).
+    loss_sum: Optional[float] = 0.0
 
 
 def _no_sync(model: nn.Module, skip: bool):
@@ -159,8 +162,8 @@ def train_one_epoch(parts: TrainParts, data_loader: Iterable, state: EpochState,
         log_scalar: TensorBoard-style ``(tag, value, global_update)``, called on logging steps.
 
     Returns:
-        Mean training loss of the micro-batches run in this call, final lr, last gradient norm, skipped
-        float16 steps and seconds taken.
+        Mean training loss of the epoch's micro-batches (those before a mid-epoch resume included), final lr, last
+        gradient norm, skipped float16 steps and seconds taken.
 
     Raises:
         NonFiniteLossError: a NaN/inf loss in float32 or bfloat16, or too many skipped float16 steps.
@@ -173,7 +176,7 @@ def train_one_epoch(parts: TrainParts, data_loader: Iterable, state: EpochState,
     total_batches = batches_done + num_batches
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # since the last progress line
     loss_count = 0
-    epoch_loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    epoch_loss_sum = torch.full((), state.loss_sum or 0.0, device=device, dtype=torch.float64)
     grad_norm = torch.zeros(())
     health = HealthFlags(device, state.skipped_in_a_row)
     images_seen = 0
@@ -218,8 +221,11 @@ def train_one_epoch(parts: TrainParts, data_loader: Iterable, state: EpochState,
             images_seen = 0
             window_start = time.time()
         if save_now:
+            state.loss_sum = epoch_loss_sum.item()  # a sync point already (the health flags were read)
             save(state)
-    return {"loss": (epoch_loss_sum / max(num_batches, 1)).item(), "lr": parts.optimizer.param_groups[0]["lr"],
+    # The mean over the whole epoch; over the micro-batches of this call when a resumed epoch's sum is unknown.
+    mean_over = num_batches if state.loss_sum is None else total_batches
+    return {"loss": (epoch_loss_sum / max(mean_over, 1)).item(), "lr": parts.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm), "skipped_steps": state.skipped_total, "epoch_time": time.time() - start}
 
 

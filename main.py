@@ -35,7 +35,7 @@ from checkpoint import (CheckpointError, checkpoint_name, load_eval_weights, loa
 from fsdp import evaluation_model
 from utils import (PeerFailure, announce_failure, announced_failure, describe_process_group, exit_process,
                    fail_together, get_rank, get_world_size, init_distributed, is_distributed, is_main_process,
-                   keep_freed_memory, run_lock, seed_everything, shutdown_distributed)
+                   keep_freed_memory, run_lock, seed_epoch, seed_everything, shutdown_distributed)
 
 logger = logging.getLogger("main")
 
@@ -255,7 +255,9 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
     start = time.time()
     for epoch in range(state.epoch, config.TRAIN.EPOCHS):
         if epoch != state.epoch:
-            state.epoch, state.update, state.images = epoch, 0, 0
+            state.epoch, state.update, state.images, state.loss_sum = epoch, 0, 0, 0.0
+        if state.update == 0:  # within an epoch, a resumed run has its checkpoint's streams back
+            seed_epoch(config.SEED, get_rank(), epoch)
         loaders.train_sampler.set_epoch(epoch)
         if state.update:
             loaders.train_sampler.skip(state.update * accum * config.DATA.BATCH_SIZE)

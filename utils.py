@@ -5,6 +5,7 @@ import ctypes
 import ctypes.util
 import datetime
 import fcntl
+import hashlib
 import logging
 import os
 import random
@@ -367,6 +368,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+def seed_epoch(seed: int, rank: int, epoch: int) -> None:
+    """Seeds this process's random streams (drop path, Mixup/CutMix) for a training epoch from (seed, rank, epoch)
+    alone, so that what ran before the epoch (validations, a resume) cannot shift them."""
+    digest = hashlib.sha256(f"{seed}/{rank}/{epoch}".encode()).digest()
+    seed_everything(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def get_rng_state() -> Dict[str, Any]:

@@ -199,6 +199,11 @@ def _data_loader(dataset: ImageDataset, sampler: Sampler, config: CfgNode, pipel
     """The loader of ``dataset`` through ``pipeline`` (a DataLoader, or for the device pipeline a loader that
     yields batches decoded and transformed on the device)."""
     workers = config.DATA.NUM_WORKERS
+    if generator is None:
+        # A loader without a generator of its own draws its workers' base seed from the process's torch stream (a
+        # persistent one on its first pass only), which would shift the training's random draws after a resume.
+        generator = torch.Generator()
+        generator.manual_seed(config.SEED)
     loader = DataLoader(
         pipeline.worker_dataset(dataset),
         batch_size=config.DATA.BATCH_SIZE,
