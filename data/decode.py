@@ -23,10 +23,13 @@ from torchvision.io import ImageReadMode, decode_jpeg
 UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
                      Image.DecompressionBombError, Image.DecompressionBombWarning)
 
-# Modes with more than 8 bits per pixel that hold 16-bit values: PNG, TIFF and PGM decoders give I;16* or,
-# for some files (16-bit PGM), I. PIL's convert("RGB") clips them at 255, which turns a 16-bit image into an
-# almost white one, so decode_image scales them to 8 bits itself.
+# Modes with more than 8 bits per pixel. PNG and TIFF decoders give I;16* for 16-bit images, PGM gives I for them
+# (its header declares a range above 255); PIL's convert("RGB") clips them at 255, which turns a 16-bit image into an
+# almost white one, so decode_image scales them to 8 bits itself. Mode I is also PIL's 32-bit integer mode (TIFF),
+# which declares no range: its values decide (see _high_bit_depth_to_rgb).
 _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# Formats whose mode I images are 16-bit by their header.
+_SIXTEEN_BIT_FORMATS = ("PPM",)
 
 
 def open_image(stream: BinaryIO) -> Image.Image:
@@ -45,7 +48,8 @@ def decode_image(stream: BinaryIO) -> Image.Image:
     """Decodes an image fully into an RGB PIL image (all decoding errors surface here, not later).
 
     The pixel count is checked from the header before anything is decoded. 16-bit images are scaled to
-    8 bits (value * 255 / 65535).
+    8 bits (value * 255 / 65535). A 32-bit integer image (mode I, e.g. a TIFF) declares no range: when its values
+    all lie in 0..255 they are taken as 8-bit values, in 0..65535 as 16-bit ones.
 
     Raises:
         One of :data:`UNREADABLE_ERRORS`: a damaged file, more pixels than ``Image.MAX_IMAGE_PIXELS``, or
@@ -56,12 +60,13 @@ def decode_image(stream: BinaryIO) -> Image.Image:
         image.load()  # convert() would make a copy that RGB images do not need
         return image
     if image.mode in _HIGH_BIT_DEPTH_MODES:
-        return _sixteen_bit_to_rgb(image)
+        return _high_bit_depth_to_rgb(image)
     return image.convert("RGB")
 
 
-def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
-    """A single-channel image of 16-bit values as 8-bit RGB; other ranges are refused (ValueError)."""
+def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
+    """A single-channel image of more than 8 bits as 8-bit RGB; values without a known range are refused
+    (ValueError)."""
     if image.mode == "F":
         raise ValueError("32-bit floating-point pixels (mode F) have no standard range; save the image with 8 or "
                          "16 bits per channel")
@@ -70,6 +75,8 @@ def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
     if low < 0 or high > 65535:
         raise ValueError(f"32-bit integer pixels (mode {image.mode}) range over {low}..{high}, outside the 16-bit "
                          "range 0..65535; save the image with 8 or 16 bits per channel")
+    if image.mode == "I" and image.format not in _SIXTEEN_BIT_FORMATS and high <= 255:
+        return Image.fromarray(pixels.astype(np.uint8), "L").convert("RGB")  # 8-bit values in a 32-bit container
     scaled = (pixels.astype(np.uint32) * 255 + 32767) // 65535  # rounded to the nearest 8-bit value
     return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
 

@@ -6,6 +6,7 @@ and copy-on-write after fork duplicates it as soon as a worker touches it. Here 
 into flat numpy arrays (offsets and sizes, which fork shares for free) and a worker reads a member with
 one seek and one read on its own plain file handle.
 """
+import collections
 import contextlib
 import io
 import logging
@@ -49,19 +50,23 @@ class ZipMembers:
         self.zip_path = zip_path
         try:
             with zipfile.ZipFile(zip_path) as archive:
-                infos = {info.filename: info for info in archive.infolist()}
+                members = archive.infolist()
+            zip_size = os.path.getsize(zip_path)
         except (OSError, zipfile.BadZipFile) as error:
             raise DataError(f"cannot read zip file {zip_path}: {error}") from error
+        infos = {info.filename: info for info in members}
         missing = [name for name in names if name not in infos]
         if missing:
             raise DataError(f"{len(missing)} images of the map file are not in {zip_path}, e.g. {missing[:3]}. "
                             "Map paths must be the member names inside the zip (as `unzip -l` lists them).")
+        _check_unique(zip_path, [info.filename for info in members], names)
         selected = [infos[name] for name in names]
         bad = [info.filename for info in selected
                if info.compress_type not in _READABLE_METHODS or info.flag_bits & 0x1]
         if bad:
             raise DataError(f"{zip_path}: {len(bad)} members are encrypted or use a compression other than "
                             f"store/deflate, e.g. {bad[:3]}. Rewrite the zip with tools/make_zip_dataset.py.")
+        _check_sizes(zip_path, zip_size, selected)
         self.header_offsets = np.array([info.header_offset for info in selected], dtype=np.int64)
         self.compressed_sizes = np.array([info.compress_size for info in selected], dtype=np.int64)
         self.sizes = np.array([info.file_size for info in selected], dtype=np.int64)
@@ -94,6 +99,63 @@ class ZipMembers:
         return data
 
 
+# Deflate expands at most about 1032-fold (258 bytes from a 2-bit code, plus block overhead); a member that declares
+# more is damaged or crafted, and would make the cache ask for memory that its data can never fill.
+_MAX_DEFLATE_RATIO = 1032
+
+
+def _check_unique(zip_path: str, member_names: Sequence[str], names: Sequence[str]) -> None:
+    """Refuses a zip holding two members of one name that the map file uses, and a map file naming a member twice:
+    either way one image would be trained under another's label.
+
+    Raises:
+        DataError: naming the duplicates.
+    """
+    counts = collections.Counter(member_names)
+    wanted = set(names)
+    twice = sorted(name for name, count in counts.items() if count > 1 and name in wanted)
+    if twice:
+        raise DataError(f"{zip_path} holds {len(twice)} names twice or more (two members under one name, e.g. "
+                        f"{twice[:3]}): the map file cannot say which member it means. Rewrite the zip with "
+                        "tools/make_zip_dataset.py, or rename the members so that each name is one image.")
+    listed = collections.Counter(names)
+    again = sorted(name for name, count in listed.items() if count > 1)
+    if again:
+        raise DataError(f"the map file of {zip_path} lists {len(again)} members more than once, e.g. {again[:3]}: "
+                        "each line must name another image")
+
+
+def _check_sizes(zip_path: str, zip_size: int, infos: Sequence[zipfile.ZipInfo]) -> None:
+    """Refuses members whose declared sizes their data cannot have: data past the end of the file, a stored
+    member whose two sizes differ, a deflated one that would expand more than deflate can.
+
+    Raises:
+        DataError: naming the first such member and its sizes.
+    """
+    for info in infos:
+        # The local header is at least 30 bytes plus the name before the data.
+        end = info.header_offset + 30 + len(info.filename.encode()) + info.compress_size
+        stored = info.compress_type == zipfile.ZIP_STORED
+        if end > zip_size or (stored and info.file_size != info.compress_size) or \
+                info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 64:
+            raise DataError(f"{zip_path}: member {info.filename} declares {info.compress_size} bytes "
+                            f"{'stored' if stored else 'compressed'} expanding to {info.file_size}, which its data "
+                            f"cannot hold (the zip is {zip_size} bytes); the zip's directory is damaged. Rewrite "
+                            "it with tools/make_zip_dataset.py.")
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory the system can still give without swapping (Linux MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class MemberCache:
     """The bytes of some members of a zip held in memory, in one flat buffer.
 
@@ -108,7 +170,13 @@ class MemberCache:
     def __init__(self, members: ZipMembers, indices: np.ndarray):
         indices = np.asarray(indices, dtype=np.int64)
         self.starts = np.full(len(members), -1, dtype=np.int64)
-        self.data = np.empty(int(members.sizes[indices].sum()), dtype=np.uint8)
+        needed = int(members.sizes[indices].sum())
+        available = available_memory()
+        if available is not None and needed > available:
+            raise DataError(f"caching {len(indices)} images of {members.zip_path} in memory needs {needed / 1e9:.1f} "
+                            f"GB, more than the {available / 1e9:.1f} GB this machine has available. Use "
+                            "--cache-mode part (each process caches its own shard) or --cache-mode no.")
+        self.data = np.empty(needed, dtype=np.uint8)
         position = 0
         total = len(indices)
         with open(members.zip_path, "rb") as file:

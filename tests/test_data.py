@@ -386,11 +386,17 @@ def test_digits_preparation_is_idempotent(digits_root):
 
 def test_build_loader_prepares_digits_after_an_interrupted_preparation(tmp_path):
     root = tmp_path / "digits"
-    os.makedirs(f"{root}.tmp/train/3")  # what an interrupted preparation leaves behind
-    (tmp_path / "digits.tmp" / "train" / "3" / "junk.jpg").write_bytes(GARBAGE)
+    staging = tmp_path / ".digits.staging"  # what an interrupted preparation leaves behind, marked as its own
+    os.makedirs(staging / "train" / "3")
+    (staging / ".digits-staging").write_bytes(b"")
+    (staging / "train" / "3" / "junk.jpg").write_bytes(GARBAGE)
     loaders = build_loader(make_config(root, num_classes=10, DATA__PREPARE_DIGITS=True), eval_only=True)
     assert len(loaders.val_dataset) == 300
-    assert not os.path.exists(f"{root}.tmp")
+    assert not os.path.exists(staging) and not os.path.exists(root / ".digits-staging")
+    os.makedirs(tmp_path / ".again.staging")  # a folder of that name not made by the preparation is left alone
+    with pytest.raises(DataError, match=r"\.again\.staging exists and was not made by the digits preparation"):
+        prepare_digits(str(tmp_path / "again"))
+    assert os.path.isdir(tmp_path / ".again.staging")
     os.makedirs(tmp_path / "other" / "x")
     with pytest.raises(DataError, match="not empty"):
         prepare_digits(str(tmp_path / "other"))

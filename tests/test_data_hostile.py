@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -108,6 +109,24 @@ def test_16_bit_png_and_pgm_are_scaled_to_8_bits():
         np.testing.assert_array_equal(np.asarray(image), np.repeat(expected[..., None], 3, axis=2))
     eight_bit = decode_image(io.BytesIO(png_bytes(expected)))
     np.testing.assert_array_equal(np.asarray(eight_bit)[..., 0], expected)
+
+
+def tiff_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "TIFF")
+    return buffer.getvalue()
+
+
+def test_32_bit_integer_images_are_read_by_their_value_range():
+    """A mode I TIFF declares no range: 0..255 values are 8-bit ones (not 16-bit, which would make them black),
+    larger ones up to 65535 are 16-bit ones; a 16-bit PGM (also mode I) follows its header."""
+    small = np.array([[0, 1, 128, 255]], dtype=np.int32)
+    assert Image.open(io.BytesIO(tiff_bytes(small))).mode == "I"
+    np.testing.assert_array_equal(np.asarray(decode_image(io.BytesIO(tiff_bytes(small))))[..., 0], small)
+    wide = np.array([[0, 257, 40000, 65535]], dtype=np.int32)
+    np.testing.assert_array_equal(np.asarray(decode_image(io.BytesIO(tiff_bytes(wide))))[..., 0], [[0, 1, 156, 255]])
+    dark_pgm = b"P5\n2 1\n65535\n" + np.array([0, 255], dtype=">u2").tobytes()
+    np.testing.assert_array_equal(np.asarray(decode_image(io.BytesIO(dark_pgm)))[..., 0], [[0, 1]])
 
 
 def test_pixels_without_a_known_range_are_refused_by_path(tmp_path, caplog):
@@ -213,6 +232,69 @@ def test_zip_writer_leaves_out_unreadable_files_and_reports_them(tmp_path, caplo
         assert len(names) == count and "cat/dangling.jpg" not in names and "dog/garbage.jpg" not in names
         assert [line.split("\t")[0] for line in (dst / f"{split}_map.txt").read_text().splitlines()] == names
     assert sorted(os.listdir(dst)) == ["train.zip", "train_map.txt", "val.zip", "val_map.txt"]
+
+
+def write_zip(path, members, map_lines):
+    """A stored zip of ``(name, bytes)`` members, duplicates allowed, and its map file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about a duplicate name and writes it anyway
+        with zipfile.ZipFile(path / "train.zip", "w") as archive:
+            for name, data in members:
+                archive.writestr(name, data)
+    (path / "train_map.txt").write_text("".join(f"{name}\t{label}\n" for name, label in map_lines))
+    return str(path / "train.zip")
+
+
+def jpeg_bytes(seed):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def test_a_zip_with_two_members_of_one_name_is_refused(tmp_path):
+    from data.ziparchive import ZipMembers
+
+    zip_path = write_zip(tmp_path, [("a.jpg", jpeg_bytes(0)), ("b.jpg", jpeg_bytes(1)), ("a.jpg", jpeg_bytes(2))],
+                         [("a.jpg", 0), ("b.jpg", 1), ("a.jpg", 2)])
+    with pytest.raises(DataError, match=r"train.zip holds 1 names twice or more \(two members under one name, e.g. "
+                                        r"\['a.jpg'\]\): the map file cannot say which member it means"):
+        ZipMembers(zip_path, ["a.jpg", "b.jpg", "a.jpg"])
+    single = write_zip(tmp_path, [("a.jpg", jpeg_bytes(0)), ("b.jpg", jpeg_bytes(1))], [])
+    with pytest.raises(DataError, match=r"lists 1 members more than once, e.g. \['a.jpg'\]"):
+        ZipMembers(single, ["a.jpg", "b.jpg", "a.jpg"])
+
+
+def test_a_zip_directory_declaring_huge_sizes_is_refused_before_caching(tmp_path):
+    """Every member's uncompressed size in the central directory set to 4 GiB (80 GiB for 20 images)."""
+    root = tmp_path / "data"
+    root.mkdir()
+    members = [(f"{i}.jpg", jpeg_bytes(i)) for i in range(20)]
+    zip_path = write_zip(root, members, [(name, i % 2) for i, (name, _) in enumerate(members)])
+    (root / "val_map.txt").write_text((root / "train_map.txt").read_text())
+    shutil.copy(zip_path, root / "val.zip")
+    with open(zip_path, "r+b") as f:
+        data = bytearray(f.read())
+        at = data.find(b"PK\x01\x02")
+        while at >= 0:  # uncompressed size: offset 24 of each central directory record
+            data[at + 24:at + 28] = struct.pack("<I", 0xFFFFFFF0)
+            at = data.find(b"PK\x01\x02", at + 4)
+        f.seek(0)
+        f.write(data)
+    config = make_config(root, num_classes=2, DATA__ZIP_MODE=True, DATA__CACHE_MODE="full")
+    with pytest.raises(DataError, match=r"member 0.jpg declares \d+ bytes stored expanding to 4294967280, which its "
+                                        r"data cannot hold .* the zip's directory is damaged"):
+        build_dataset(True, config)
+
+
+def test_a_cache_larger_than_the_free_memory_is_refused(tmp_path, monkeypatch):
+    import data.ziparchive
+
+    root = make_folder_dataset(tmp_path)
+    make_zip_dataset(root, root)
+    monkeypatch.setattr(data.ziparchive, "available_memory", lambda: 1000)
+    with pytest.raises(DataError, match=r"caching 4 images of \S+val.zip in memory needs 0.0 GB, more than the 0.0 GB "
+                                        r"this machine has available. Use --cache-mode part"):
+        build_dataset(False, make_config(root, DATA__ZIP_MODE=True, DATA__CACHE_MODE="full"))
 
 
 def test_zip_writer_removes_its_tmp_files_after_a_failure_and_restarts(tmp_path, monkeypatch):
