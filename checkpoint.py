@@ -512,19 +512,20 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Dict[str, Any], path:
 
 
 def load_eval_weights(config, model: torch.nn.Module) -> Optional[str]:
-    """What ``--eval`` evaluates, as the reference chooses: ``MODEL.RESUME``, else the run's newest checkpoint,
-    else the ``MODEL.PRETRAINED`` weights (loaded when the model was built).
+    """What ``--eval`` evaluates: ``MODEL.RESUME``, else the ``MODEL.PRETRAINED`` weights (loaded when the model was
+    built; a run folder's checkpoints do not override weights named on the command line), else the run's newest
+    checkpoint (auto-resume).
 
     Returns:
         A description of the weights, or None when the model keeps its random initialisation.
     """
+    if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
+        return f"pretrained weights {config.MODEL.PRETRAINED}"
     found = locate_checkpoint(config)
     if found is not None:
         path, checkpoint = found
         load_model_weights(model, checkpoint, path, config)
         return f"checkpoint {path}"
-    if config.MODEL.PRETRAINED:
-        return f"pretrained weights {config.MODEL.PRETRAINED}"
     return None
 
 

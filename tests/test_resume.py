@@ -223,6 +223,19 @@ def test_eval_with_pretrained_does_not_claim_to_start_from_scratch(digits_root, 
     assert f"evaluating pretrained weights {source}" in log
 
 
+def test_eval_with_pretrained_in_a_folder_with_checkpoints_evaluates_the_pretrained_weights(digits_root, run_copy):
+    """The folder's newest checkpoint is epoch 1; --pretrained names epoch 0's: epoch 0's figures come out."""
+    source = os.path.join(run_copy, RUN, "ckpt_epoch_0.pth")
+    assert driver.cli(argv(digits_root, run_copy, flags=["--eval", "--pretrained", source])) == 0
+    import json
+
+    with open(os.path.join(run_copy, RUN, "metrics.jsonl")) as f:
+        epoch_0, epoch_1 = [json.loads(line) for line in f][:2]
+    assert epoch_0["val_loss"] != epoch_1["val_loss"]
+    assert eval_acc(run_copy)["loss"] == epoch_0["val_loss"]
+    assert f"evaluating pretrained weights {source}" in read_log(run_copy).split("output folder")[-1]
+
+
 def test_non_finite_loss_before_any_checkpoint_does_not_claim_one_is_intact(digits_root, tmp_path, capsys):
     assert driver.cli(argv(digits_root, tmp_path, ["TRAIN.BASE_LR", "1e32", "TRAIN.WARMUP_EPOCHS", "0",
                                                    "TRAIN.SAVE_ITERS", "0", "TRAIN.EPOCHS", "1"])) == 2
