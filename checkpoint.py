@@ -347,10 +347,16 @@ def extract_state_dict(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """The model weights of a released file (``model``), a training checkpoint, or a plain state dict."""
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
+            weights = checkpoint[key]
+            odd = [(name, value) for name, value in weights.items() if not isinstance(value, torch.Tensor)]
+            if odd:
+                name, value = odd[0]
+                raise CheckpointError(f"its model weights ('{key}') must all be tensors, but {len(odd)} are not, e.g. "
+                                      f"{name!r} is a {type(value).__name__}; this is not a checkpoint of a model")
+            return weights
     if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return checkpoint
-    raise CheckpointError(f"no model weights found; top-level keys are {sorted(checkpoint)[:10]}")
+    raise CheckpointError(f"no model weights found; top-level keys are {sorted(map(str, checkpoint))[:10]}")
 
 
 def read_class_map(path: str) -> List[int]:
@@ -507,8 +513,34 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Dict[str, Any], path:
             return
         load_state_dict_checked(model, state_dict, source=path)
     except ValueError as error:
-        raise CheckpointError(f"{error}; to fine-tune from these weights instead, use --pretrained {path}") \
-            from error
+        resized = _image_size_change(path, checkpoint, config)
+        raise CheckpointError(resized or f"{error}; to fine-tune from these weights instead, use --pretrained "
+                                         f"{path}") from error
+
+
+def stage_windows(config, image_size: int) -> List[int]:
+    """The attention window of each stage at ``image_size``: the configured one, or a stage's whole map when that is
+    smaller (as the model clips it)."""
+    from config import MODEL_SECTIONS
+
+    section = config.MODEL[MODEL_SECTIONS.get(config.MODEL.TYPE, "SWIN")]
+    tokens = image_size // section.PATCH_SIZE
+    return [min(section.WINDOW_SIZE, tokens // 2 ** stage) for stage in range(len(section.DEPTHS))]
+
+
+def _image_size_change(path: str, checkpoint: Dict[str, Any], config) -> Optional[str]:
+    """The message for weights that do not fit because DATA.IMG_SIZE changed since they were trained (it sets the
+    windows of the stages whose map is smaller than the window, and the absolute position embedding), or None."""
+    old, new = config_changes(checkpoint.get("config"), config).get("DATA.IMG_SIZE", (None, None))
+    if old is None:
+        return None
+    windows = (stage_windows(config, old), stage_windows(config, new))
+    why = (f"the window of each stage is clipped to the stage's map when that is smaller (windows per stage: "
+           f"{windows[0]} at {old} px, {windows[1]} at {new} px), so its position-bias tables have other shapes"
+           if windows[0] != windows[1] else "the absolute position embedding has one entry per patch")
+    return (f"cannot load {path} at DATA.IMG_SIZE {new}: it was trained at DATA.IMG_SIZE {old}, and {why}. Evaluate "
+            f"or resume it at --opts DATA.IMG_SIZE {old}, or fine-tune from it at {new} px with --pretrained {path} "
+            "(the tables are resized)")
 
 
 def load_eval_weights(config, model: torch.nn.Module) -> Optional[str]:

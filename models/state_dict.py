@@ -28,18 +28,23 @@ class LoadReport:
     class_mapped: List[str] = field(default_factory=list)  # head tensors whose rows a class map selected
     reinitialised: List[str] = field(default_factory=list)  # a new head, set to zeros as the reference does
     simmim_dropped: List[str] = field(default_factory=list)  # a SimMIM checkpoint's decoder and mask token
+    from_classifier: bool = False  # a classifier's weights taken as a SimMIM model's encoder
 
     def summary(self) -> str:
         parts = [f"{len(self.loaded)} tensors loaded"]
-        if self.simmim_dropped:
+        if self.from_classifier:
+            parts.insert(0, "classifier checkpoint: its weights taken as the SimMIM encoder (prefix encoder. added)")
+        elif self.simmim_dropped:
             parts.insert(0, "SimMIM pretraining checkpoint: its encoder taken (prefix encoder. removed)")
         for name in ("resized", "class_mapped", "reinitialised", "dropped_derived", "simmim_dropped", "missing",
                      "unexpected"):
             keys = getattr(self, name)
             if keys:
                 shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-                label = {"reinitialised": "new head initialised to zeros",
-                         "simmim_dropped": "dropped (pretraining only)"}.get(name, name.replace("_", " "))
+                label = {"reinitialised": "new, as initialised" if self.from_classifier
+                         else "new head initialised to zeros",
+                         "simmim_dropped": "dropped (no head in SimMIM)" if self.from_classifier
+                         else "dropped (pretraining only)"}.get(name, name.replace("_", " "))
                 parts.append(f"{label}: {shown}")
         return "; ".join(parts)
 
@@ -52,6 +57,24 @@ def drop_derived_buffers(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str,
     """
     dropped = [k for k in state_dict if k.endswith(DERIVED_BUFFER_SUFFIXES)]
     return {k: v for k, v in state_dict.items() if k not in dropped}, dropped
+
+
+# Learned tensors whose shapes follow the attention window or the image size, not the architecture's widths.
+POSITION_KEYS = ("relative_position_bias_table", "absolute_pos_embed")
+
+
+def _what_differs(report: LoadReport, mismatched: List[str]) -> str:
+    """Which settings a failed load points at, from the keys that did not fit."""
+    causes = []
+    if report.missing or report.unexpected or any(not k.endswith(POSITION_KEYS) and k not in HEAD_KEYS
+                                                  for k in mismatched):
+        causes.append("another architecture? check MODEL.TYPE and MODEL.SWIN.*")
+    if any(k.endswith(POSITION_KEYS) for k in mismatched):
+        causes.append("other windows? check MODEL.SWIN.WINDOW_SIZE and DATA.IMG_SIZE, which clips the window of "
+                      "each stage whose map is smaller")
+    if any(k in HEAD_KEYS for k in mismatched):
+        causes.append("another class count? check MODEL.NUM_CLASSES")
+    return "; ".join(causes)
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True,
@@ -74,9 +97,8 @@ def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor
                   for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     if strict and (report.missing or report.unexpected or mismatched):
         raise ValueError(
-            f"{source} does not fit this model (is it another architecture or size? check MODEL.SWIN.* and "
-            f"MODEL.NUM_CLASSES): missing {report.missing[:8]}, unexpected {report.unexpected[:8]}, "
-            f"shape mismatches {mismatched[:8]}")
+            f"{source} does not fit this model ({_what_differs(report, [m.split(':')[0] for m in mismatched])}): "
+            f"missing {report.missing[:8]}, unexpected {report.unexpected[:8]}, shape mismatches {mismatched[:8]}")
     loadable = {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(loadable, strict=False)
     report.loaded = list(loadable)
@@ -170,11 +192,19 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module,
         state_dict = timm_to_ours(state_dict)
     own = model.state_dict()
     simmim_dropped: List[str] = []
+    new_for_simmim: List[str] = []
     if is_simmim_state_dict(state_dict) and not is_simmim_state_dict(own):
         state_dict, simmim_dropped = simmim_to_encoder(state_dict)
+    elif is_simmim_state_dict(own) and not is_simmim_state_dict(state_dict):
+        # A classifier's weights are the encoder of a SimMIM model, without the prefix; its head has no place there.
+        simmim_dropped = [k for k in state_dict if k in HEAD_KEYS]
+        state_dict = {f"encoder.{k}": v for k, v in state_dict.items() if k not in HEAD_KEYS}
+        new_for_simmim = [k for k in own if not k.startswith("encoder.") or k == "encoder.mask_token"]
     state_dict, dropped = drop_derived_buffers(state_dict)
     report = LoadReport(dropped_derived=dropped, simmim_dropped=simmim_dropped)
-    adapted: Dict[str, torch.Tensor] = {}
+    report.from_classifier = bool(new_for_simmim)
+    adapted: Dict[str, torch.Tensor] = {k: own[k] for k in new_for_simmim}  # as the model initialised them
+    report.reinitialised.extend(new_for_simmim)
     for key, value in state_dict.items():
         if key not in own:
             report.unexpected.append(key)
@@ -186,8 +216,8 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module,
                 raise ValueError(f"{key}: {value.shape[1]} heads in the checkpoint, {target[1]} in the model")
             value = resize_relative_position_bias_table(value, window)
             report.resized.append(key)
-        elif key == "absolute_pos_embed" and value.shape != target:
-            height, width = model.patch_embed.patches_resolution
+        elif key.endswith("absolute_pos_embed") and value.shape != target:
+            height, width = getattr(model, "encoder", model).patch_embed.patches_resolution
             value = resize_absolute_pos_embed(value, height, width)
             report.resized.append(key)
         elif key in HEAD_KEYS and (class_map is not None or value.shape != target):

@@ -236,6 +236,44 @@ def test_eval_with_pretrained_in_a_folder_with_checkpoints_evaluates_the_pretrai
     assert f"evaluating pretrained weights {source}" in read_log(run_copy).split("output folder")[-1]
 
 
+def test_eval_resume_at_another_image_size_names_the_image_size_and_the_windows(digits_root, two_epochs, tmp_path,
+                                                                              capsys):
+    source = os.path.join(two_epochs, RUN, "ckpt_epoch_1.pth")
+    assert driver.cli(argv(digits_root, tmp_path, ["DATA.IMG_SIZE", "16"], ["--eval", "--resume", source])) == 2
+    error = capsys.readouterr().err
+    assert (f"cannot load {source} at DATA.IMG_SIZE 16: it was trained at DATA.IMG_SIZE 32, and the window of each "
+            "stage is clipped to the stage's map when that is smaller (windows per stage: [4, 4] at 32 px, [4, 2] at "
+            "16 px)") in error, error
+    assert "--opts DATA.IMG_SIZE 32" in error and "NUM_CLASSES" not in error
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"model": {"patch_embed.proj.weight": "not a tensor"}},
+     r"its model weights \('model'\) must all be tensors, but 1 are not, e\.g\. 'patch_embed.proj.weight' is a str"),
+    ({"model": {"layers.0.blocks.0.norm1.weight": [1.0, 2.0], "head.bias": torch.zeros(10)}},
+     r"'layers.0.blocks.0.norm1.weight' is a list"),
+])
+@pytest.mark.parametrize("flag", ["--resume", "--pretrained"])
+def test_a_checkpoint_whose_weights_are_not_tensors_is_refused_in_one_line(digits_root, tmp_path, capsys, content,
+                                                                          message, flag):
+    path = tmp_path / "odd.pth"
+    torch.save(content, path)
+    assert driver.cli(argv(digits_root, tmp_path / "out", flags=["--eval", flag, str(path)])) == 2
+    error = capsys.readouterr().err
+    assert re.search(message, error) and "Traceback" not in error, error
+
+
+def test_an_empty_folder_given_as_a_checkpoint_says_so(digits_root, two_epochs, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert driver.cli(argv(digits_root, tmp_path / "out", flags=["--pretrained", str(tmp_path / "empty")])) == 2
+    assert f"{tmp_path / 'empty'} is a folder without a checkpoint in it: give a checkpoint file (.pth)" in \
+        capsys.readouterr().err
+    run_dir = os.path.join(two_epochs, RUN)
+    assert driver.cli(argv(digits_root, tmp_path / "out", flags=["--pretrained", run_dir])) == 2
+    assert f"{run_dir} is a run folder, not a checkpoint: give one of its checkpoint files, e.g. " \
+        f"{os.path.join(run_dir, 'ckpt_epoch_1.pth')}" in capsys.readouterr().err
+
+
 def test_non_finite_loss_before_any_checkpoint_does_not_claim_one_is_intact(digits_root, tmp_path, capsys):
     assert driver.cli(argv(digits_root, tmp_path, ["TRAIN.BASE_LR", "1e32", "TRAIN.WARMUP_EPOCHS", "0",
                                                    "TRAIN.SAVE_ITERS", "0", "TRAIN.EPOCHS", "1"])) == 2

@@ -306,3 +306,27 @@ def test_main_simmim_pt_puts_the_objective_ahead_of_user_overrides():
     assert simmim_argv(["--cfg", "x"]) == ["--cfg", "x", "--opts", "TRAIN.OBJECTIVE", "simmim"]
     assert simmim_argv(["--opts", "A", "1", "--tag", "t"]) == ["--opts", "TRAIN.OBJECTIVE", "simmim", "A", "1",
                                                                "--tag", "t"]
+
+
+def test_simmim_pretraining_starts_from_a_classifier_checkpoint_as_its_encoder(tmp_path, caplog):
+    """A classifier's weights are SimMIM's encoder without the ``encoder.`` prefix: taken as such, its head dropped,
+    the mask token and the decoder as the model initialised them."""
+    import logging
+
+    from checkpoint import load_pretrained
+
+    classifier = build_model(load_config(os.path.join(REPO, "configs", "demo", "swin_micro_digits.yaml")))
+    torch.save({"model": classifier.state_dict()}, tmp_path / "classifier.pth")
+    config = load_config(os.path.join(REPO, "configs", "demo", "simmim_pretrain_swin_micro_digits.yaml"),
+                         opts=["MODEL.PRETRAINED", str(tmp_path / "classifier.pth")])
+    model = build_model(config)
+    decoder = model.decoder[0].weight.clone()
+    with caplog.at_level(logging.INFO):
+        load_pretrained(config, model)
+    for name, value in classifier.state_dict().items():
+        if not name.startswith("head.") and name in dict(model.encoder.named_parameters()):
+            assert torch.equal(dict(model.encoder.named_parameters())[name], value), name
+    assert torch.equal(model.decoder[0].weight, decoder)
+    assert ("classifier checkpoint: its weights taken as the SimMIM encoder (prefix encoder. added); 90 tensors "
+            "loaded; new, as initialised: encoder.mask_token, decoder.0.weight, decoder.0.bias; dropped (no head in "
+            "SimMIM): head.weight, head.bias") in caplog.text
