@@ -6,7 +6,7 @@ logging) and the driver (``main.train``) are the same for both; they ask the obj
 validation measures, and which validation figure makes a checkpoint the best.
 """
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -154,7 +154,7 @@ class SimMIMObjective(Objective):
         return metrics
 
     def log_images(self, model: nn.Module, val_dataset: ImageDataset, writer, step: int) -> None:
-        """Input / masked input / reconstruction of the first validation images (see :func:`reconstruction_grid`)."""
+        """Input / masked input / reconstruction of validation images (see :func:`reconstruction_grid`)."""
         writer.add_image("val/reconstruction", reconstruction_grid(model, val_dataset), step)
 
     def summary(self, metrics: Dict[str, float], best: float) -> str:
@@ -167,12 +167,19 @@ DEFAULT_GRID_COUNT = 8
 MIN_DISPLAY_SIZE = 96
 
 
+def grid_indices(count: int, size: int) -> List[int]:
+    """``count`` image indices spread evenly over a dataset of ``size`` (datasets are often sorted by class, so the
+    first images would all show one class)."""
+    count = min(count, size)
+    return [index * size // count for index in range(count)]
+
+
 def reconstruction_grid(model: nn.Module, dataset: ImageDataset, count: int = DEFAULT_GRID_COUNT) -> torch.Tensor:
-    """A (3, H, W) image in [0, 1]: for the first ``count`` images of ``dataset`` (a SimMIM validation dataset),
-    one row of input, masked input and reconstruction."""
+    """A (3, H, W) image in [0, 1]: for ``count`` images spread over ``dataset`` (a SimMIM validation dataset), one
+    row of input, masked input and reconstruction."""
     model = getattr(model, "module", model)
     device = next(model.parameters()).device
-    items = [dataset[(index, VAL_MASK_SEED + index)][0] for index in range(min(count, len(dataset)))]
+    items = [dataset[(index, VAL_MASK_SEED + index)][0] for index in grid_indices(count, len(dataset))]
     images = torch.stack([image for image, _ in items]).to(device)
     masks = torch.stack([mask for _, mask in items]).to(device)
     was_training = model.training

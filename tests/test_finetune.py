@@ -353,6 +353,24 @@ def test_convert_refuses_what_timm_cannot_hold(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "out.pth")
 
 
+@pytest.mark.parametrize("kind", ["simmim", "swin_mlp"])
+def test_convert_refuses_models_timm_does_not_have(tmp_path, capsys, kind):
+    from config import load_config as load
+
+    if kind == "simmim":
+        model = build_model(load(os.path.join(REPO, "configs", "demo", "simmim_pretrain_swin_micro_digits.yaml")))
+    else:
+        model = build_model(load(None, opts=["MODEL.TYPE", "swin_mlp", "MODEL.SWIN_MLP.EMBED_DIM", "12",
+                                             "MODEL.SWIN_MLP.DEPTHS", "[2, 2]", "MODEL.SWIN_MLP.NUM_HEADS", "[3, 6]",
+                                             "MODEL.NUM_CLASSES", "5"]))
+    path = str(tmp_path / f"{kind}.pth")
+    torch.save({"model": model.state_dict()}, path)
+    assert load_tool("convert_checkpoint").main(["--to", "timm", path, str(tmp_path / "out.pth")]) == 2
+    error = capsys.readouterr().err
+    assert {"simmim": "this is a SimMIM pretraining checkpoint", "swin_mlp": "timm has no Swin-MLP model"}[kind] in error
+    assert error.startswith(f"error: {path}: ") and not os.path.exists(tmp_path / "out.pth")
+
+
 def test_predict_class_names(tmp_path):
     class_names = load_tool("predict").class_names
     assert class_names(make_config({"MODEL.NUM_CLASSES": 1000}))[:2] == ["tench, Tinca tinca",

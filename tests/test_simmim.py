@@ -232,6 +232,27 @@ def test_visualisation_writes_a_grid(digits_root, tmp_path):
         assert grid.size[0] >= 3 * 32 and grid.size[1] >= 3 * 32
 
 
+def test_visualisation_shows_images_spread_over_the_dataset(digits_root, tmp_path):
+    """The validation digits are stored class by class: the grid's 8 images must not all be zeros."""
+    from tools.simmim_visualize import save_reconstruction_grid
+
+    config = simmim_data_config(digits_root)
+    val = build_loader(config, eval_only=True).val_dataset
+    shown = []
+
+    class Recording:
+        def __len__(self):
+            return len(val)
+
+        def __getitem__(self, item):
+            shown.append(item[0])
+            return val[item]
+
+    save_reconstruction_grid(build_model(config), Recording(), tmp_path / "grid.png", count=8)
+    folders = {os.path.basename(os.path.dirname(val.image_path(index))) for index in shown}  # the digit
+    assert len(shown) == 8 and len(folders) == 8, (shown, folders)
+
+
 def cli(script, args, cwd):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, os.path.join(REPO, script)] + args, cwd=cwd, env=env, capture_output=True,

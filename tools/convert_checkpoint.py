@@ -8,7 +8,8 @@ weights are taken; optimizer and schedule state are left out), a plain state dic
 is read with torch.load(weights_only=True), so a file that needs code to unpickle is refused. The two layouts
 differ in two names: patch merging is ``layers.{i}.downsample`` (end of stage i) here and
 ``layers.{i+1}.downsample`` (start of the next stage) in timm, and the classifier is ``head`` here and
-``head.fc`` in timm. Swin V2 (timm's ``swinv2_*`` models) converts the same way. The derived buffers that
+``head.fc`` in timm. Swin V2 (timm's ``swinv2_*`` models) converts the same way. timm has no Swin-MLP and no SimMIM
+model: such checkpoints are refused with a message (exit status 2). The derived buffers that
 released files carry (``relative_position_index``, ``attn_mask``, V2's ``relative_coords_table``) are dropped. ``--to ours`` writes {"model": state dict} like the released files; ``--to timm``
 writes a plain state dict, which timm's ``load_checkpoint`` and ``create_model(pretrained_cfg_overlay=...)``
 read. The output is written atomically: a crash leaves the old file or the new one, never half of one.
@@ -22,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from models.simmim import is_simmim_state_dict  # noqa: E402
 from models.state_dict import drop_derived_buffers, is_timm_layout, ours_to_timm, timm_to_ours  # noqa: E402
 from checkpoint import CheckpointError, atomic_torch_save, extract_state_dict, load_checkpoint_file  # noqa: E402
 
@@ -36,6 +38,13 @@ def convert(state_dict: Dict[str, torch.Tensor], to: str) -> Dict[str, torch.Ten
     """
     if to not in LAYOUTS:
         raise ValueError(f"unknown layout {to!r}; choose one of {', '.join(LAYOUTS)}")
+    if is_simmim_state_dict(state_dict):
+        raise ValueError("this is a SimMIM pretraining checkpoint (an encoder.* and a decoder.*): timm has no SimMIM "
+                         "model, and both layouts are the same for it. Fine-tune from it with --pretrained (which "
+                         "takes its encoder), then convert the fine-tuned checkpoint")
+    if to == "timm" and any(".spatial_mlp." in key for key in state_dict):
+        raise ValueError("this is a Swin-MLP checkpoint (spatial_mlp layers): timm has no Swin-MLP model, so there is "
+                         "no timm layout to convert it to; use it with this project's MODEL.TYPE swin_mlp as it is")
     state_dict, _ = drop_derived_buffers(state_dict)
     if is_timm_layout(state_dict):
         return state_dict if to == "timm" else timm_to_ours(state_dict)
@@ -62,8 +71,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         learned, derived = drop_derived_buffers(state_dict)
         converted = convert(state_dict, args.to)
         atomic_torch_save({"model": converted} if args.to == "ours" else converted, args.output)
-    except (CheckpointError, ValueError) as error:
+    except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"error: {args.input}: {error}", file=sys.stderr)
         return 2
     # The renaming keeps the order of the keys, so old and new names pair up.
     renamed = sum(old != new for old, new in zip(learned, converted))
