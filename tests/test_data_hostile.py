@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -316,6 +317,40 @@ def test_zip_writer_removes_its_tmp_files_after_a_failure_and_restarts(tmp_path,
     monkeypatch.setattr(zipfile.ZipFile, "writestr", writestr)
     assert make_zip_dataset(src, str(dst)) == []
     assert sorted(os.listdir(dst)) == ["train.zip", "train_map.txt", "val.zip", "val_map.txt"]
+
+
+def test_zip_tool_progress_never_mixes_into_a_log_line(tmp_path):
+    """stderr to a pipe: progress comes as whole lines; the warning about a skipped file is a line of its own."""
+    src = make_folder_dataset(tmp_path / "src", train={"cat": 30, "dog": 2, "emu": 2})
+    os.symlink(tmp_path / "nowhere.jpg", tmp_path / "src" / "train" / "cat" / "15_dangling.jpg")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_zip_dataset.py"), src,
+                             str(tmp_path / "dst")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert "\r" not in result.stderr and "\033" not in result.stderr
+    progress = [line for line in lines if re.fullmatch(r"(train|val): \d+/\d+ images \(\d+%\)", line)]
+    assert progress[-1] == "val: 4/4 images (100%)" and "train: 35/35 images (100%)" in progress
+    skipped = [line for line in lines if "skipped" in line and "15_dangling.jpg" in line]
+    assert len(skipped) == 1 and skipped[0].startswith("skipped "), lines
+
+
+def test_zip_tool_progress_on_a_terminal_is_cleared_before_each_log_line():
+    tool = load_tool("make_zip_dataset")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    progress = tool.ProgressLine(terminal, interval_s=0)
+    logger = logging.getLogger("test_zip_progress")
+    logger.propagate = False
+    logger.addHandler(progress.handler())
+    progress("train", 1, 4)
+    logger.warning("skipped a file")
+    progress("train", 4, 4)
+    assert terminal.getvalue() == ("\rtrain: 1/4 images (25%)\r\033[Kskipped a file\n\rtrain: 1/4 images (25%)"
+                                   "\r\033[K\rtrain: 4/4 images (100%)\n")
 
 
 def test_zip_tool_reports_an_unusable_output_in_one_line(tmp_path, capsys, monkeypatch):
