@@ -20,8 +20,8 @@ class _ColorFormatter(logging.Formatter):
         return colored(head + "]", "green") + tail
 
 
-def setup_logging(output_dir: str, rank: int = 0, level: int = logging.INFO) -> None:
-    """Sends every logger's records to ``output_dir/log_rank{rank}.txt`` and, on rank 0, to the console.
+def setup_logging(output_dir: str, rank: int = 0, level: int = logging.INFO, name: str = "log") -> None:
+    """Sends every logger's records to ``output_dir/{name}_rank{rank}.txt`` and, on rank 0, to the console.
 
     Calling it again replaces the handlers (tests run several jobs in one process).
     """
@@ -31,7 +31,7 @@ def setup_logging(output_dir: str, rank: int = 0, level: int = logging.INFO) -> 
         root.removeHandler(handler)
         handler.close()
     root.setLevel(level)
-    file_handler = logging.FileHandler(os.path.join(output_dir, f"log_rank{rank}.txt"), mode="a")
+    file_handler = logging.FileHandler(os.path.join(output_dir, f"{name}_rank{rank}.txt"), mode="a")
     file_handler.setFormatter(logging.Formatter(_FORMAT, _DATE))
     root.addHandler(file_handler)
     if rank == 0:

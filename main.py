@@ -148,8 +148,10 @@ def run_throughput(config: CfgNode, device: torch.device) -> None:
                 device, precision.name, batch, result["inference_images_per_second"],
                 result["train_images_per_second"], memory)
     if is_main_process():
-        with open(os.path.join(config.OUTPUT, "throughput.json"), "w") as f:
+        path = os.path.join(config.OUTPUT, "throughput.json")
+        with open(f"{path}.{os.getpid()}.tmp", "w") as f:  # whole or absent, also with two measurements at once
             json.dump({**result, "device": str(device), "precision": precision.name}, f, indent=1)
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
 def main(argv=None) -> int:
@@ -158,13 +160,17 @@ def main(argv=None) -> int:
     rank, world_size = get_rank(), get_world_size()
     config = cfg_lib.load_config(args.cfg, args=args, world_size=world_size)
     cfg_lib.prepare_output_dir(config.OUTPUT)
+    if config.THROUGHPUT_MODE:
+        # Synthetic data, nothing of a run read or replaced (its own log file and throughput.json): it needs no hold
+        # on the folder, and so measures while a run trains there.
+        return run(config, device, rank, world_size)
     with run_lock(config.OUTPUT, rank):
         return run(config, device, rank, world_size)
 
 
 def run(config: CfgNode, device: torch.device, rank: int, world_size: int) -> int:
     """Everything after the config: logging, then throughput, evaluation or training, holding the run folder."""
-    setup_logging(config.OUTPUT, rank)
+    setup_logging(config.OUTPUT, rank, name="log_throughput" if config.THROUGHPUT_MODE else "log")
     logger.info("process %d of %d (pid %d) on %s, %s; output folder %s", rank, world_size, os.getpid(), device,
                 describe_process_group(), os.path.abspath(config.OUTPUT))
     logger.info("global batch %d (%d per process x %d processes x %d accumulation steps); effective lr %.3g, "

@@ -95,8 +95,31 @@ def test_a_second_run_stops_naming_the_holder_until_the_holder_is_killed(tmp_pat
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
     assert (run_dir / RUN_LOCK).exists()  # a killed run cannot clean up; the OS released its lock all the same
-    again = subprocess.run(driver(tmp_path / "out", tmp_path / "no_data_here", "--throughput", "--batch-size", "2"),
-                           cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert "throughput on " in again.stdout
+    # The next run holds the folder (and stops at the missing data, releasing it again).
+    again = subprocess.run(driver(tmp_path / "out", tmp_path / "no_data_here"), cwd=REPO, env=environment(),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "no_data_here" in again.stderr and "in use" not in again.stderr, again.stderr
     assert not (run_dir / RUN_LOCK).exists()
+
+
+def test_throughput_measures_while_a_run_holds_the_folder(tmp_path, capsys):
+    """--throughput reads and replaces nothing of a run: it takes no hold on the folder and logs to its own file."""
+    import main
+
+    run_dir = tmp_path / "out" / RUN
+    run_dir.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom utils import run_lock\nwith run_lock(sys.argv[1]):\n"
+                               "    print('locked', flush=True)\n    time.sleep(600)\n", str(run_dir)],
+        cwd=REPO, env=environment(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main.cli(["--cfg", DEMO, "--output", str(tmp_path / "out"), "--throughput", "--batch-size", "2",
+                         "--opts", "MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.NUM_HEADS", "[1, 2, 4]"]) == 0
+        assert (run_dir / "throughput.json").exists() and (run_dir / "log_throughput_rank0.txt").exists()
+        assert not (run_dir / "log_rank0.txt").exists()
+        assert "in use" not in capsys.readouterr().err
+        assert "started" in (run_dir / RUN_LOCK).read_text()  # still the holder's
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
