@@ -203,6 +203,8 @@ def checkpoint_name(epoch: int, step: int, complete: bool, sharded: bool = False
 
 
 BEST = "ckpt_best.pth"
+# Where a run folder keeps the files of another history (see run_history.py).
+ASIDE_PREFIX = "earlier_run_"
 
 
 def save_checkpoint(state: Dict[str, Any], output_dir: str, epoch: int, step: int, complete: bool,
@@ -459,7 +461,8 @@ def _cannot_continue(path: str, config, key: str, old: Any, new: Any, why: str) 
                 f"--pretrained {path} instead of --resume")
     else:
         ways = (f"to train with {key} {new!r}, start a new run with --tag NEW_NAME (or --opts TRAIN.AUTO_RESUME "
-                f"False to start over in {config.OUTPUT}); to continue this run, set {key} back to {old!r}")
+                f"False to start over in {config.OUTPUT}, which sets this run's files aside in "
+                f"{ASIDE_PREFIX}N/ there); to continue this run, set {key} back to {old!r}")
     return CheckpointError(f"cannot resume from {path}: {key} is {new!r} but the checkpoint was trained with "
                            f"{old!r}, and {why}. To fix: {ways}")
 
@@ -606,7 +609,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: Dict[str, Any], 
         for key in (k for k in changes if k in OPTIMIZER_KEYS or _is_architecture_key(k, config)):
             raise _cannot_continue(path, config, key, *changes[key], why)
         raise CheckpointError(f"cannot resume from {path}: {why}. Start a new run with --tag NEW_NAME (or "
-                              "--opts TRAIN.AUTO_RESUME False)")
+                              f"--opts TRAIN.AUTO_RESUME False, which sets this run's files aside in {ASIDE_PREFIX}N/)")
     # load_state_dict would also bring back the saved learning rates, weight decay, betas and layer scales;
     # the current config decides those, so they are put back afterwards.
     current = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]

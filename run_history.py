@@ -15,13 +15,12 @@ import re
 import shutil
 from typing import Any, Dict, List, Optional, Tuple
 
-from checkpoint import BEST, MANIFEST, read_manifest_dict, write_manifest
+from checkpoint import ASIDE_PREFIX, BEST, MANIFEST, read_manifest_dict, write_manifest
 
 logger = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
-ASIDE_PREFIX = "earlier_run_"
 _CHECKPOINT_NAME = re.compile(r"ckpt_epoch_(\d+)(?:_step_(\d+))?(?:\.pth)?$")
 
 Position = Tuple[int, int]  # (epoch, optimizer updates done in it)
