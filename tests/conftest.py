@@ -11,3 +11,15 @@ def digits_root(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("digits_data") / "digits")
     prepare_digits(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def two_epoch_run(digits_root, tmp_path_factory) -> str:
+    """An output folder holding a finished 2-epoch run of the small demo model (checkpoints at epoch ends, a best
+    checkpoint, metrics, config), made once per session; copy it before changing anything in it."""
+    import main as driver
+    from tests.test_run_history import DEMO, TWO_EPOCHS
+
+    output = tmp_path_factory.mktemp("two_epoch_run")
+    assert driver.cli(["--cfg", DEMO, "--data-path", digits_root, "--output", str(output), "--opts"] + TWO_EPOCHS) == 0
+    return str(output)

@@ -13,9 +13,8 @@ import torch
 import main as driver
 from checkpoint import CheckpointError, load_checkpoint_file, read_manifest_dict, save_checkpoint
 from checksums import DigestWriter, file_digest, zip_damage
-from tests.test_resilience import DEMO, RUN, SMALL, snapshot
-
-TWO_EPOCHS = SMALL + ["TRAIN.EPOCHS", "2", "TRAIN.SAVE_ITERS", "0"]
+from tests.test_resilience import DEMO, RUN, snapshot
+from tests.test_run_history import TWO_EPOCHS
 
 
 def flip_inside_largest_tensor(path) -> None:
@@ -31,17 +30,10 @@ def flip_inside_largest_tensor(path) -> None:
         f.write(bytes([byte ^ 0xFF]))
 
 
-@pytest.fixture(scope="module")
-def two_epochs(digits_root, tmp_path_factory):
-    output = tmp_path_factory.mktemp("integrity")
-    assert driver.cli(["--cfg", DEMO, "--data-path", digits_root, "--output", str(output), "--opts"] + TWO_EPOCHS) == 0
-    return output
-
-
 @pytest.fixture
-def run_copy(two_epochs, tmp_path):
+def run_copy(two_epoch_run, tmp_path):
     output = tmp_path / "run"
-    shutil.copytree(two_epochs, output)
+    shutil.copytree(two_epoch_run, output)
     return output
 
 
@@ -49,8 +41,8 @@ def argv(digits_root, output, flags=(), opts=()):
     return ["--cfg", DEMO, "--data-path", digits_root, "--output", str(output), *flags, "--opts", *TWO_EPOCHS, *opts]
 
 
-def test_the_manifest_records_each_checkpoint_and_the_best_with_its_checksum(two_epochs):
-    run_dir = os.path.join(two_epochs, RUN)
+def test_the_manifest_records_each_checkpoint_and_the_best_with_its_checksum(two_epoch_run):
+    run_dir = os.path.join(two_epoch_run, RUN)
     manifest = read_manifest_dict(run_dir)
     for record in manifest["checkpoints"] + [manifest["best"]]:
         assert tuple(file_digest(os.path.join(run_dir, record["file"]))) == (record["size"], record["crc32"])

@@ -30,16 +30,9 @@ def metrics_epochs(folder):
         return [json.loads(line)["epoch"] for line in f]
 
 
-@pytest.fixture(scope="module")
-def two_epochs(digits_root, tmp_path_factory):
-    output = tmp_path_factory.mktemp("history")
-    assert driver.cli(["--cfg", DEMO, "--data-path", digits_root, "--output", str(output), "--opts"] + TWO_EPOCHS) == 0
-    return output
-
-
 @pytest.fixture
-def run_dir(two_epochs, tmp_path):
-    shutil.copytree(two_epochs, tmp_path / "run")
+def run_dir(two_epoch_run, tmp_path):
+    shutil.copytree(two_epoch_run, tmp_path / "run")
     return os.path.join(tmp_path / "run", RUN)
 
 

@@ -66,6 +66,16 @@ def driver(output, data, *flags):
     return [sys.executable, "main.py", "--cfg", DEMO, "--output", str(output), "--data-path", str(data), *flags]
 
 
+def hold(folder) -> subprocess.Popen:
+    """Another process that takes the lock main.py takes on ``folder`` and then hangs like a long training run."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom utils import run_lock\nwith run_lock(sys.argv[1]):\n"
+                               "    print('locked', flush=True)\n    time.sleep(600)\n", str(folder)],
+        cwd=REPO, env=environment(), stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 def environment():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -74,13 +84,8 @@ def environment():
 def test_a_second_run_stops_naming_the_holder_until_the_holder_is_killed(tmp_path):
     run_dir = tmp_path / "out" / RUN
     run_dir.mkdir(parents=True)
-    # The holder is the lock main.py takes, held by a process that then hangs like a long training run.
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom utils import run_lock\nwith run_lock(sys.argv[1]):\n"
-                               "    print('locked', flush=True)\n    time.sleep(600)\n", str(run_dir)],
-        cwd=REPO, env=environment(), stdout=subprocess.PIPE, text=True)
+    holder = hold(run_dir)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         data = tmp_path / "no_data_here"  # the demo config would prepare the digits there: it must not get that far
         second = subprocess.run(driver(tmp_path / "out", data), cwd=REPO, env=environment(), capture_output=True,
                                 text=True, timeout=300)
@@ -108,12 +113,8 @@ def test_throughput_measures_while_a_run_holds_the_folder(tmp_path, capsys):
 
     run_dir = tmp_path / "out" / RUN
     run_dir.mkdir(parents=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom utils import run_lock\nwith run_lock(sys.argv[1]):\n"
-                               "    print('locked', flush=True)\n    time.sleep(600)\n", str(run_dir)],
-        cwd=REPO, env=environment(), stdout=subprocess.PIPE, text=True)
+    holder = hold(run_dir)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         assert main.cli(["--cfg", DEMO, "--output", str(tmp_path / "out"), "--throughput", "--batch-size", "2",
                          "--opts", "MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.NUM_HEADS", "[1, 2, 4]"]) == 0
         assert (run_dir / "throughput.json").exists() and (run_dir / "log_throughput_rank0.txt").exists()
