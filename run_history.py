@@ -15,7 +15,7 @@ import re
 import shutil
 from typing import Any, Dict, List, Optional, Tuple
 
-from checkpoint import ASIDE_PREFIX, BEST, MANIFEST, read_manifest_dict, write_manifest
+from checkpoint import ASIDE_PREFIX, BEST, MANIFEST, CheckpointError, read_manifest_dict, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,19 @@ def set_aside_other_history(output_dir: str, resumed_from: Optional[str], positi
         best is not None or not os.path.isfile(os.path.join(output_dir, BEST)))
     if everything:
         metrics, kept_metrics = metrics + kept_metrics, []
+    try:
+        aside, events = _move_aside(output_dir, checkpoints, best, metrics, kept_metrics, everything)
+    except OSError as error:
+        raise CheckpointError(f"could not set the earlier run's files of {output_dir} aside ({error}); nothing was "
+                              "replaced or deleted. Free space or fix permissions there, or give another --tag") \
+            from error
+    _log(output_dir, aside, resumed_from, position, checkpoints, best, metrics, events)
+    return aside
+
+
+def _move_aside(output_dir: str, checkpoints: List[str], best: Optional[Dict[str, Any]], metrics: List[str],
+                kept_metrics: List[str], everything: bool) -> Tuple[str, List[str]]:
+    """Moves the files of another history into a new ``earlier_run_N/``; returns it and the event files moved."""
     aside = _new_aside_folder(output_dir)
     for name in checkpoints + ([BEST] if best else []):
         os.replace(os.path.join(output_dir, name), os.path.join(aside, name))
@@ -80,8 +93,7 @@ def set_aside_other_history(output_dir: str, resumed_from: Optional[str], positi
     else:
         _forget(output_dir, checkpoints, best is not None)
         _write_lines(os.path.join(output_dir, METRICS), kept_metrics)
-    _log(output_dir, aside, resumed_from, position, checkpoints, best, metrics, events)
-    return aside
+    return aside, events
 
 
 def _inside(path: str, folder: str) -> bool:
