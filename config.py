@@ -380,9 +380,9 @@ _INTERPOLATIONS = ("random", "nearest", "bilinear", "bicubic", "box", "hamming",
 def _family(has_qk_scale: bool = False, has_qkv_bias: bool = True, v2: bool = False,
             attention: bool = True) -> dict:
     """The entries of one model family's section (MODEL.SWIN, MODEL.SWINV2 or MODEL.SWIN_MLP), without prefix."""
-    entries = {"PATCH_SIZE": _int(1), "IN_CHANS": _int(1), "EMBED_DIM": _int(1), "DEPTHS": Valid("ints", 1, min_length=1),
-               "NUM_HEADS": Valid("ints", 1, min_length=1), "WINDOW_SIZE": _int(1), "MLP_RATIO": _float(0, low_open=True),
-               "APE": _BOOL, "PATCH_NORM": _BOOL}
+    entries = {"PATCH_SIZE": _int(1), "IN_CHANS": _int(1), "EMBED_DIM": _int(1),
+               "DEPTHS": Valid("ints", 1, min_length=1), "NUM_HEADS": Valid("ints", 1, min_length=1),
+               "WINDOW_SIZE": _int(1), "MLP_RATIO": _float(0, low_open=True), "APE": _BOOL, "PATCH_NORM": _BOOL}
     if has_qkv_bias:
         entries["QKV_BIAS"] = _BOOL
     if has_qk_scale:
@@ -434,10 +434,12 @@ VALID: Dict[str, Valid] = {
     "TRAIN.OBJECTIVE": _choice(*OBJECTIVES),
     "AUG.COLOR_JITTER": _float(0), "AUG.AUTO_AUGMENT": Valid("str", test=_auto_augment_problem),
     "AUG.REPROB": _FRACTION, "AUG.REMODE": _choice("const", "rand", "pixel"), "AUG.RECOUNT": _int(1),
-    "AUG.MIXUP": _float(0), "AUG.CUTMIX": _float(0), "AUG.CUTMIX_MINMAX": Valid("floats", 0, 1, length=2, optional=True),
+    "AUG.MIXUP": _float(0), "AUG.CUTMIX": _float(0),
+    "AUG.CUTMIX_MINMAX": Valid("floats", 0, 1, length=2, optional=True),
     "AUG.MIXUP_PROB": _FRACTION, "AUG.MIXUP_SWITCH_PROB": _FRACTION, "AUG.MIXUP_MODE": _choice("batch", "pair", "elem"),
     "AUG.HFLIP": _FRACTION,
-    "TEST.CROP": _BOOL, "TEST.SEQUENTIAL": _BOOL, "TEST.SHUFFLE": _BOOL, "TEST.AMP_ENABLE": Valid("bool", optional=True),
+    "TEST.CROP": _BOOL, "TEST.SEQUENTIAL": _BOOL, "TEST.SHUFFLE": _BOOL,
+    "TEST.AMP_ENABLE": Valid("bool", optional=True),
     "ENABLE_AMP": _BOOL, "AMP_ENABLE": _BOOL, "AMP_OPT_LEVEL": _choice("", "O0", "O1", "O2"),
     "OUTPUT": Valid("str", test=lambda v: None if v else "a folder (not empty)"), "TAG": _STR,
     "SAVE_FREQ": _int(1), "PRINT_FREQ": _int(1), "SEED": _int(0, 2 ** 32 - 1), "EVAL_MODE": _BOOL,

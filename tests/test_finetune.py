@@ -367,7 +367,8 @@ def test_convert_refuses_models_timm_does_not_have(tmp_path, capsys, kind):
     torch.save({"model": model.state_dict()}, path)
     assert load_tool("convert_checkpoint").main(["--to", "timm", path, str(tmp_path / "out.pth")]) == 2
     error = capsys.readouterr().err
-    assert {"simmim": "this is a SimMIM pretraining checkpoint", "swin_mlp": "timm has no Swin-MLP model"}[kind] in error
+    expected = {"simmim": "this is a SimMIM pretraining checkpoint", "swin_mlp": "timm has no Swin-MLP model"}[kind]
+    assert expected in error
     assert error.startswith(f"error: {path}: ") and not os.path.exists(tmp_path / "out.pth")
 
 
