@@ -262,7 +262,7 @@ def save_best(obj: Dict[str, Any], output_dir: str, source: str, epoch: int, ste
         The manifest's new ``best`` record, or None when the folder's best was kept.
     """
     held = read_manifest_dict(output_dir)["best"] or _unrecorded_best(output_dir)
-    new = f"epoch {epoch}" + ("" if step == 0 else f" update {step}") + f" ({_describe_score(score, acc1)})"
+    new = f"epoch {epoch} ({_describe_score(score, acc1)})"  # a best is validated at an epoch's end
     if held and held.get("score") is not None and score is not None and score <= held["score"]:
         logger.info("%s kept: it holds epoch %s (%s), at least as good as %s", BEST, held.get("epoch"),
                     _describe_score(held["score"], held.get("acc1")), new)
