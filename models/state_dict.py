@@ -28,18 +28,19 @@ class LoadReport:
     class_mapped: List[str] = field(default_factory=list)  # head tensors whose rows a class map selected
     reinitialised: List[str] = field(default_factory=list)  # a new head, set to zeros as the reference does
     simmim_dropped: List[str] = field(default_factory=list)  # a SimMIM checkpoint's decoder and mask token
+    pruned: List[str] = field(default_factory=list)  # what a backbone does not have (head, final norm, later stages)
 
     def summary(self) -> str:
         parts = [f"{len(self.loaded)} tensors loaded"]
         if self.simmim_dropped:
             parts.insert(0, "SimMIM pretraining checkpoint: its encoder taken (prefix encoder. removed)")
-        for name in ("resized", "class_mapped", "reinitialised", "dropped_derived", "simmim_dropped", "missing",
-                     "unexpected"):
+        for name in ("resized", "class_mapped", "reinitialised", "dropped_derived", "simmim_dropped", "pruned",
+                     "missing", "unexpected"):
             keys = getattr(self, name)
             if keys:
                 shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-                label = {"reinitialised": "new head initialised to zeros",
-                         "simmim_dropped": "dropped (pretraining only)"}.get(name, name.replace("_", " "))
+                label = {"reinitialised": "new head initialised to zeros", "simmim_dropped": "dropped (pretraining only)",
+                         "pruned": "dropped (not in the backbone)"}.get(name, name.replace("_", " "))
                 parts.append(f"{label}: {shown}")
         return "; ".join(parts)
 
@@ -51,6 +52,18 @@ def drop_derived_buffers(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str,
         The learned tensors, and the keys that were dropped.
     """
     dropped = [k for k in state_dict if k.endswith(DERIVED_BUFFER_SUFFIXES)]
+    return {k: v for k, v in state_dict.items() if k not in dropped}, dropped
+
+
+def drop_pruned(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """Removes the tensors of the parts that ``model`` pruned (``WindowTransformer.prune_intermediate_layers``: a
+    backbone has no head, and may lack the final norm and later stages), so a full checkpoint fits it.
+
+    Returns:
+        The other tensors, and the keys that were dropped.
+    """
+    prefixes = tuple(getattr(model, "pruned_prefixes", ()))
+    dropped = [k for k in state_dict if k.startswith(prefixes)] if prefixes else []
     return {k: v for k, v in state_dict.items() if k not in dropped}, dropped
 
 
@@ -66,8 +79,9 @@ def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor
         ValueError: with ``strict``, listing what did not match.
     """
     state_dict, dropped = drop_derived_buffers(state_dict)
+    state_dict, pruned = drop_pruned(state_dict, model)
     own = model.state_dict()
-    report = LoadReport(dropped_derived=dropped)
+    report = LoadReport(dropped_derived=dropped, pruned=pruned)
     report.missing = [k for k in own if k not in state_dict]
     report.unexpected = [k for k in state_dict if k not in own]
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -173,7 +187,8 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module,
     if is_simmim_state_dict(state_dict) and not is_simmim_state_dict(own):
         state_dict, simmim_dropped = simmim_to_encoder(state_dict)
     state_dict, dropped = drop_derived_buffers(state_dict)
-    report = LoadReport(dropped_derived=dropped, simmim_dropped=simmim_dropped)
+    state_dict, pruned = drop_pruned(state_dict, model)
+    report = LoadReport(dropped_derived=dropped, simmim_dropped=simmim_dropped, pruned=pruned)
     adapted: Dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key not in own:

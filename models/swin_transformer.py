@@ -6,7 +6,7 @@ multiple of its window and crops back, with attention masks built for the actual
 import functools
 import logging
 from collections import OrderedDict
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,8 @@ ATTN_IMPLS = ("auto", "sdpa", "explicit")
 # Masks kept per stage for input sizes other than the configured one, least recently used dropped first, so
 # a stream of varying sizes (detection, multi-scale evaluation) cannot grow memory without bound.
 MASK_CACHE_SIZE = 8
+# Layouts of the maps that forward_intermediates returns (timm's names).
+OUTPUT_FORMATS = ("NCHW", "NHWC")
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -575,6 +577,25 @@ class PatchEmbed(nn.Module):
         return flops + (Ho * Wo * self.embed_dim if self.norm is not None else 0)
 
 
+def stage_indices(num_stages: int, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
+    """timm's selection of feature maps as absolute stage indices: None for all stages, an int n for the last n,
+    a sequence for those stages (negative indices count from the end).
+
+    Raises:
+        ValueError: an index or a count out of range.
+    """
+    if indices is None:
+        return list(range(num_stages))
+    if isinstance(indices, int):
+        if not 0 < indices <= num_stages:
+            raise ValueError(f"cannot take the last {indices} stages of a model with {num_stages}")
+        return list(range(num_stages - indices, num_stages))
+    take = [num_stages + i if i < 0 else i for i in indices]
+    if not take or any(not 0 <= i < num_stages for i in take):
+        raise ValueError(f"stage indices {list(indices)} are not within 0..{num_stages - 1} (or -{num_stages}..-1)")
+    return take
+
+
 def drop_path_rates(depths: Sequence[int], drop_path_rate: float) -> List[List[float]]:
     """Stochastic depth per block, growing linearly from 0 to ``drop_path_rate`` over all blocks; one list a stage."""
     rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
@@ -583,7 +604,8 @@ def drop_path_rates(depths: Sequence[int], drop_path_rate: float) -> List[List[f
 
 class WindowTransformer(nn.Module):
     """The trunk every family shares: patch embedding, optional absolute position embedding, stages of window
-    blocks with patch merging between them, final norm and linear head; features, heads, stage features, FLOPs.
+    blocks with patch merging between them, final norm and linear head; features, heads, FLOPs, and the backbone
+    API of dense tasks (:meth:`forward_intermediates`, :meth:`prune_intermediate_layers`, :meth:`as_backbone`).
 
     A family's constructor calls ``super().__init__()``, then :meth:`_build_trunk` with its block factory and
     patch merging, then its own initialisation.
@@ -619,6 +641,13 @@ class WindowTransformer(nn.Module):
             for i, depth in enumerate(depths)])
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # Each stage's output map, taken before its patch merging (the output of its last block), as timm lists it.
+        self.feature_info = [dict(num_chs=int(embed_dim * 2 ** i), reduction=patch_size * 2 ** i,
+                                  module=f"layers.{i}.blocks.{depth - 1}", index=i) for i, depth in enumerate(depths)]
+        self.feature_indices: Optional[List[int]] = None  # the stages forward returns, set by as_backbone
+        self.feature_norm = False
+        self.output_fmt = "NCHW"
+        self.pruned_prefixes: Tuple[str, ...] = ()  # state-dict key prefixes of what prune_intermediate_layers removed
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -667,26 +696,117 @@ class WindowTransformer(nn.Module):
         x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        """(B, C_in, H, W) images -> (B, num_classes) logits; after :meth:`as_backbone`, the list of stage maps."""
+        if self.feature_indices is not None:
+            return self.forward_intermediates(x, self.feature_indices, norm=self.feature_norm,
+                                              output_fmt=self.output_fmt, intermediates_only=True)
         return self.forward_head(self.forward_features(x))
 
-    def forward_stage_features(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Each stage's output map before its patch merging, as (B, C_i, H_i, W_i), for dense tasks."""
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False
+                              ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The output maps of some stages, with timm's meaning of every argument.
+
+        Stage i's map is the output of its last block, before the patch merging that ends it here (and starts the
+        next stage in timm's layout): (B, C_i, H_i, W_i) with C_i and the stride H / H_i in ``feature_info[i]``.
+        Any input size works; each map is ceil(H / stride) x ceil(W / stride).
+
+        Args:
+            x: (B, C_in, H, W) images.
+            indices: stages to return: None for all, an int n for the last n, or a sequence of indices
+                (negative ones count from the end).
+            norm: apply the final norm to the last stage's map, if it is taken (the norm is sized for it alone).
+            stop_early: run no stage after the last one taken.
+            output_fmt: "NCHW" or "NHWC" maps.
+            intermediates_only: return only the maps.
+
+        Returns:
+            The list of maps, or (final features, maps): the final features are the last run stage's
+            (B, H', W', C) map, normalised when that is the model's last stage (as :meth:`forward_features`).
+        """
+        if output_fmt not in OUTPUT_FORMATS:
+            raise ValueError(f"output_fmt must be one of {', '.join(OUTPUT_FORMATS)}; got {output_fmt!r}")
+        take = stage_indices(len(self.layers), indices)
+        num_run = max(take) + 1 if stop_early or intermediates_only else len(self.layers)
         x = self._embed(x)
-        features = []
-        for layer in self.layers:
+        intermediates = []
+        for i, layer in enumerate(self.layers[:num_run]):
+            if i > 0:
+                x = self.layers[i - 1].downsample(x)
             x = layer.forward_blocks(x)
-            features.append(x.permute(0, 3, 1, 2))
-            if layer.downsample is not None:
-                x = layer.downsample(x)
-        return features
+            if i in take:
+                feature = self.norm(x) if norm and i == len(self.layers) - 1 else x
+                if output_fmt == "NCHW":
+                    feature = copy_if_symbolic(feature.permute(0, 3, 1, 2)).contiguous()
+                intermediates.append(feature)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if num_run == len(self.layers) else x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Removes what the maps of stages ``indices`` do not need, as timm does: the stages after the last one
+        taken (and its patch merging), the final norm when the last stage goes or with ``prune_norm``, the head
+        when anything goes or with ``prune_head``.
+
+        The removed parameters' key prefixes are added to ``pruned_prefixes``, which the checked loaders of
+        :mod:`models.state_dict` drop from a full checkpoint, so a released classifier still loads in one call.
+
+        Returns:
+            The absolute indices of the stages taken.
+        """
+        take = stage_indices(len(self.layers), indices)
+        last = max(take)
+        pruned = []
+        prune_end = last < len(self.layers) - 1
+        if prune_end:
+            pruned += [f"layers.{last}.downsample."] + [f"layers.{i}." for i in range(last + 1, len(self.layers))]
+            self.layers = self.layers[:last + 1]
+            self.layers[last].downsample = None
+            self.num_layers = last + 1
+            self.num_features = self.feature_info[last]["num_chs"]
+            self.feature_info = self.feature_info[:last + 1]
+        if (prune_norm or prune_end) and not isinstance(self.norm, nn.Identity):
+            self.norm = nn.Identity()  # sized for the last stage only
+            pruned.append("norm.")
+        if (prune_head or prune_end) and not isinstance(self.head, nn.Identity):
+            self.head = nn.Identity()
+            self.num_classes = 0
+            pruned.append("head.")
+        self.pruned_prefixes = self.pruned_prefixes + tuple(pruned)
+        return take
+
+    def as_backbone(self, out_indices: Optional[Union[int, Sequence[int]]] = None, norm: bool = False,
+                    output_fmt: str = "NCHW") -> "WindowTransformer":
+        """Turns this model into a feature extractor (timm's ``features_only``), in place: ``forward(images)``
+        returns the list of the stage maps ``out_indices`` (as ``indices`` of :meth:`forward_intermediates`; all
+        stages by default: strides 4, 8, 16, 32 for the published models), and ``feature_info`` describes them. Head, unused stages and (without ``norm``) the
+        final norm are removed by :meth:`prune_intermediate_layers`; parameter names stay the classifier's.
+
+        Returns:
+            The model itself.
+        """
+        if output_fmt not in OUTPUT_FORMATS:
+            raise ValueError(f"output_fmt must be one of {', '.join(OUTPUT_FORMATS)}; got {output_fmt!r}")
+        if self.feature_indices is not None:
+            raise ValueError("this model is a backbone already; build a new model to choose other stages")
+        take = stage_indices(len(self.layers), out_indices)
+        self.prune_intermediate_layers(take, prune_norm=not norm, prune_head=True)
+        self.feature_indices = take
+        self.feature_norm = norm
+        self.output_fmt = output_fmt
+        self.feature_info = [self.feature_info[i] for i in take]
+        return self
 
     def flops(self) -> float:
         """Multiply-accumulates at the configured size, in the reference convention."""
         H, W = self.patch_embed.patches_resolution
         flops = self.patch_embed.flops() + sum(layer.flops() for layer in self.layers)
-        # The reference counts the final norm over H*W / 2**num_layers tokens; kept so figures match.
-        flops += self.num_features * H * W // (2 ** self.num_layers)
+        if not isinstance(self.norm, nn.Identity):
+            # The reference counts the final norm over H*W / 2**num_layers tokens; kept so figures match.
+            flops += self.num_features * H * W // (2 ** self.num_layers)
         return flops + self.num_features * self.num_classes
 
 
