@@ -59,7 +59,11 @@ def build_backbone(config: CfgNode, out_indices: Optional[Union[int, Sequence[in
         ValueError: an unknown model type, or stage indices out of range.
         checkpoint.CheckpointError: pretrained weights that cannot be read or do not fit.
     """
-    backbone = _builder(config)(config).as_backbone(out_indices, norm, output_fmt)
+    model = _builder(config)(config)
+    if not isinstance(model, WindowTransformer):
+        raise ValueError(f"MODEL.TYPE {config.MODEL.TYPE!r} builds a {type(model).__name__}, which has no backbone API "
+                         "(forward_intermediates and as_backbone come with models.swin_transformer.WindowTransformer)")
+    backbone = model.as_backbone(out_indices, norm, output_fmt)
     if config.MODEL.PRETRAINED:
         from checkpoint import load_pretrained  # checkpoint imports the training loop; only needed here
 

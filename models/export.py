@@ -2,8 +2,8 @@
 
 The batch is always dynamic; the image size is fixed (the configured one) or dynamic. Exporting takes the model's
 plain path: the fused window op stays out of the graph (it is an eager-only kernel, see ``WindowBlock._use_fused``),
-attention masks are built in the graph for the traced size, or from the symbolic size when it is dynamic, and the
-per-size mask cache is neither read nor filled (``BasicLayer.masks``).
+attention is the explicit softmax path, attention masks are built in the graph for the traced size, or from the
+symbolic size when it is dynamic, and the per-size mask cache is neither read nor filled (``BasicLayer.masks``).
 """
 import contextlib
 import logging
@@ -12,6 +12,8 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from models.swin_transformer import WindowAttentionBase
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,23 @@ def _size_oblivious(required: bool) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _explicit_attention(model: nn.Module) -> Iterator[None]:
+    """Every attention module on the explicit path while the model is traced (same outputs, see
+    ``WindowAttentionBase``). The CPU kernel of scaled_dot_product_attention returns its output in a layout its fake
+    implementation does not describe: the trace records the reshape after it as a view that is invalid for the
+    graph's own strides (torch.onnx then fails), and the exported program asserts a batch other than 1."""
+    attention = [m for m in model.modules() if isinstance(m, WindowAttentionBase)]
+    chosen = [m.attn_impl for m in attention]
+    for module in attention:
+        module.attn_impl = "explicit"
+    try:
+        yield
+    finally:
+        for module, attn_impl in zip(attention, chosen):
+            module.attn_impl = attn_impl
+
+
 def output_names(model: nn.Module) -> List[str]:
     """``logits`` for a classifier, ``stage{i}`` for each map of a backbone (``WindowTransformer.as_backbone``)."""
     indices = getattr(model, "feature_indices", None)
@@ -64,7 +83,7 @@ def export_program(model: nn.Module, image_size: Tuple[int, int], in_chans: int 
     dims = {0: torch.export.Dim.DYNAMIC}
     if dynamic_size:
         dims.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
-    with _size_oblivious(dynamic_size), torch.no_grad():
+    with _size_oblivious(dynamic_size), _explicit_attention(model), torch.no_grad():
         return torch.export.export(model, (example,), dynamic_shapes={"x": dims})
 
 
@@ -77,8 +96,18 @@ def _dim_names(program: torch.export.ExportedProgram) -> Dict[str, str]:
             if name and isinstance(size, torch.SymInt)}
 
 
+def require_onnx() -> None:
+    """Raises ExportError unless onnx and onnxscript (what torch.onnx's exporter translates with) are installed."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ExportError(f"ONNX export needs the onnx and onnxscript packages ({error}); install them with "
+                          "pip install -r requirements.txt") from error
+
+
 def save_onnx(program: torch.export.ExportedProgram, path: str, names: Sequence[str]) -> None:
-    """Converts an exported program to ONNX (torch.onnx's dynamo exporter, onnxscript) and writes ``path``.
+    """Converts an exported program to ONNX (torch.onnx's dynamo exporter) and writes ``path``.
 
     The input is ``images``, the outputs ``names``; dynamic dimensions are named batch, height and width (and
     expressions of them, for the maps of a backbone).
@@ -86,12 +115,9 @@ def save_onnx(program: torch.export.ExportedProgram, path: str, names: Sequence[
     Raises:
         ExportError: onnx or onnxscript is not installed.
     """
-    try:
-        import onnx
-        import onnxscript  # noqa: F401  (what torch.onnx's exporter translates with)
-    except ImportError as error:
-        raise ExportError(f"ONNX export needs the onnx and onnxscript packages ({error}); install them with "
-                          "pip install -r requirements.txt") from error
+    require_onnx()
+    import onnx
+
     example = program.example_inputs[0]
     onnx_program = torch.onnx.export(program, example, dynamo=True, input_names=[INPUT_NAME],
                                      output_names=list(names), verbose=False)

@@ -12,7 +12,7 @@ pretraining checkpoint gives its encoder. The batch is dynamic; the image size i
 one patch up with ``--dynamic-size``. Exporting takes the model's plain path: with FUSED_WINDOW_PROCESS the fused
 kernel stays out of the graph.
 
-``--format exported`` writes ``torch.export.save``'s file (load it with ``torch.export.load(FILE).module()``);
+``--format exported`` writes ``torch.export.save``'s file, FILE.pt2 (run ``torch.export.load(FILE).module()``);
 ``--format onnx`` writes an ONNX model (opset 20) with input ``images`` and outputs ``logits`` or ``stage{i}``,
 whose dynamic dimensions are named batch, height and width. Unless ``--no-check``, the written file is loaded
 (the ONNX one by onnxruntime on the CPU) and run on random images of batch 1 and 3, at the configured size and,
@@ -37,7 +37,7 @@ from checkpoint import (CheckpointError, extract_state_dict, is_sharded_checkpoi
 from config import ConfigError, load_config  # noqa: E402
 from models import build_model  # noqa: E402
 from models.build import build_backbone  # noqa: E402
-from models.export import ExportError, export_program, output_names, save_onnx  # noqa: E402
+from models.export import ExportError, export_program, output_names, require_onnx, save_onnx  # noqa: E402
 from models.simmim import is_simmim_state_dict, simmim_to_encoder  # noqa: E402
 
 logger = logging.getLogger("export")
@@ -54,7 +54,10 @@ def build(config, features: bool) -> nn.Module:
         ExportError: a SimMIM pretraining model as a classifier, or a family without the backbone API.
     """
     if features:
-        return build_backbone(_without_pretrained(config))  # the weights come from --resume
+        try:
+            return build_backbone(_without_pretrained(config))  # the weights come from --resume
+        except ValueError as error:
+            raise ExportError(f"--features: {error}") from error
     if config.TRAIN.OBJECTIVE == "simmim":
         raise ExportError("the config describes SimMIM pretraining (TRAIN.OBJECTIVE simmim), whose forward takes a "
                           "mask and returns a loss; export its encoder with --features, or fine-tune a classifier "
@@ -157,7 +160,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--opts", nargs="+", default=[], help="KEY VALUE pairs that override the config")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.format == "exported" and not args.out.endswith(".pt2"):
+        parser.error(f"--out {args.out}: torch.export.load reads only files named *.pt2; end the name in .pt2")
     try:
+        if args.format == "onnx":
+            require_onnx()  # before minutes of work
         config = load_config(args.cfg, args.opts)
         model = build(config, args.features)
         load_weights(model, args.resume, config, args.features)
