@@ -39,7 +39,8 @@ class LoadReport:
             keys = getattr(self, name)
             if keys:
                 shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-                label = {"reinitialised": "new head initialised to zeros", "simmim_dropped": "dropped (pretraining only)",
+                label = {"reinitialised": "new head initialised to zeros",
+                         "simmim_dropped": "dropped (pretraining only)",
                          "pruned": "dropped (not in the backbone)"}.get(name, name.replace("_", " "))
                 parts.append(f"{label}: {shown}")
         return "; ".join(parts)

@@ -782,8 +782,9 @@ class WindowTransformer(nn.Module):
                     output_fmt: str = "NCHW") -> "WindowTransformer":
         """Turns this model into a feature extractor (timm's ``features_only``), in place: ``forward(images)``
         returns the list of the stage maps ``out_indices`` (as ``indices`` of :meth:`forward_intermediates`; all
-        stages by default: strides 4, 8, 16, 32 for the published models), and ``feature_info`` describes them. Head, unused stages and (without ``norm``) the
-        final norm are removed by :meth:`prune_intermediate_layers`; parameter names stay the classifier's.
+        stages by default: strides 4, 8, 16, 32 for the published models), and ``feature_info`` describes them.
+        Head, unused stages and (without ``norm``) the final norm are removed by :meth:`prune_intermediate_layers`;
+        parameter names stay the classifier's.
 
         Returns:
             The model itself.

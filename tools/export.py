@@ -26,7 +26,6 @@ import os
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -35,12 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import (CheckpointError, extract_state_dict, is_sharded_checkpoint, load_checkpoint_file,  # noqa: E402
                         load_model_weights)
 from config import ConfigError, load_config  # noqa: E402
-from models import build_model  # noqa: E402
-from models.build import build_backbone  # noqa: E402
+from models import build_backbone, build_model  # noqa: E402
 from models.export import ExportError, export_program, output_names, require_onnx, save_onnx  # noqa: E402
 from models.simmim import is_simmim_state_dict, simmim_to_encoder  # noqa: E402
-
-logger = logging.getLogger("export")
 
 FORMATS = ("exported", "onnx")
 # float32 outputs of the written file against the PyTorch model's (the bound; measured 1e-7 to 1e-6).
