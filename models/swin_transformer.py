@@ -64,6 +64,12 @@ def is_symbolic(*sizes) -> bool:
     return any(isinstance(size, torch.SymInt) for size in sizes)
 
 
+def is_exporting() -> bool:
+    """Whether torch.export traces the model (its default, non-strict tracing). torch.compile is excluded by name:
+    in some releases ``torch.compiler.is_exporting()`` is also True under it (pytorch/pytorch issue 176347)."""
+    return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
+
+
 def copy_if_symbolic(x: torch.Tensor) -> torch.Tensor:
     """``x`` itself, or a contiguous copy of it when its sizes are symbolic.
 
@@ -501,7 +507,7 @@ class BasicLayer(nn.Module):
         ws = self.window_size
         if not self.needs_mask:
             return None, None
-        if is_symbolic(H, W) or torch.compiler.is_exporting():
+        if is_symbolic(H, W) or is_exporting():
             # Built in the exported graph, never cached: a cached tensor would hold the tracer's fake data, and one
             # built for the traced size must not serve another.
             masks = (self._build_mask(H, W, shift, device) for shift in (0, self.shift_size))
