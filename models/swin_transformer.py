@@ -702,7 +702,7 @@ class WindowTransformer(nn.Module):
         x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         """(B, C_in, H, W) images -> (B, num_classes) logits; after :meth:`as_backbone`, the list of stage maps."""
         if self.feature_indices is not None:
             return self.forward_intermediates(x, self.feature_indices, norm=self.feature_norm,
