@@ -31,8 +31,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint import (CheckpointError, extract_state_dict, is_sharded_checkpoint, load_checkpoint_file,  # noqa: E402
-                        load_model_weights)
+from checkpoint import (RELEASED_MODEL, CheckpointError, extract_state_dict, is_sharded_checkpoint,  # noqa: E402
+                        load_checkpoint_file, load_model_weights)
 from config import ConfigError, load_config  # noqa: E402
 from models import build_backbone, build_model  # noqa: E402
 from models.export import ExportError, export_program, output_names, require_onnx, save_onnx  # noqa: E402
@@ -78,7 +78,7 @@ def load_weights(model: nn.Module, path: str, config, features: bool) -> None:
         CheckpointError: an unreadable checkpoint, or weights that do not fit the model.
     """
     if os.path.isdir(path) and is_sharded_checkpoint(path):
-        released = os.path.join(path, "model.pth")
+        released = os.path.join(path, RELEASED_MODEL)
         hint = f"export {released} (written at epoch ends) or " if os.path.isfile(released) else ""
         raise ExportError(f"{path} is a sharded (FSDP) checkpoint folder; {hint}convert it to one file first: "
                           f"python tools/export_fsdp_checkpoint.py {path} model.pth [--ema], then --resume model.pth")
