@@ -403,7 +403,7 @@ def load_pretrained(config, model: torch.nn.Module) -> None:
     except ValueError as error:
         raise CheckpointError(f"{path}: {error}") from error
     model.load_state_dict(adapted, strict=False)
-    if class_map is not None and head is not None:
+    if report.class_mapped and head is not None:
         logger.info("the head takes %d rows of the pretrained %d-class head, as listed in %s", len(class_map),
                     head.shape[0], class_map_file)
     logger.info("pretrained weights from %s: %s", path, report.summary())

@@ -1,13 +1,13 @@
 """Model registry: ``MODEL.TYPE`` -> a builder that reads its own config section."""
 import logging
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Sequence, Union
 
 from torch import nn
 from yacs.config import CfgNode
 
 from models.simmim import build_simmim
 from models.swin_mlp import SwinMLP
-from models.swin_transformer import SwinTransformer
+from models.swin_transformer import SwinTransformer, WindowTransformer
 from models.swin_transformer_v2 import SwinTransformerV2
 
 logger = logging.getLogger(__name__)
@@ -30,15 +30,45 @@ def registered_model_types() -> list:
     return sorted(_BUILDERS)
 
 
-def build_model(config: CfgNode) -> nn.Module:
-    """The model named by ``config.MODEL.TYPE``, randomly initialised; with ``TRAIN.OBJECTIVE simmim``, the SimMIM
-    model on that family's encoder (``forward(images, mask)`` returns the loss)."""
+def _builder(config: CfgNode) -> Callable[[CfgNode], nn.Module]:
     model_type = config.MODEL.TYPE
     if model_type not in _BUILDERS:
         raise ValueError(f"unknown MODEL.TYPE {model_type!r}; registered types: {', '.join(sorted(_BUILDERS))}")
+    return _BUILDERS[model_type]
+
+
+def build_model(config: CfgNode) -> nn.Module:
+    """The model named by ``config.MODEL.TYPE``, randomly initialised; with ``TRAIN.OBJECTIVE simmim``, the SimMIM
+    model on that family's encoder (``forward(images, mask)`` returns the loss)."""
     if config.TRAIN.OBJECTIVE == "simmim":
-        return build_simmim(config, _BUILDERS[model_type])
-    return _BUILDERS[model_type](config)
+        return build_simmim(config, _builder(config))
+    return _builder(config)(config)
+
+
+def build_backbone(config: CfgNode, out_indices: Optional[Union[int, Sequence[int]]] = None, norm: bool = False,
+                   output_fmt: str = "NCHW") -> WindowTransformer:
+    """The family of ``MODEL.TYPE`` as a feature extractor for dense tasks (timm's ``features_only``):
+    ``forward(images)`` returns the maps of the stages ``out_indices`` (all by default), ``feature_info`` gives
+    their channels, strides and modules (see ``WindowTransformer.as_backbone``).
+
+    With ``MODEL.PRETRAINED`` set, those weights are loaded as for fine-tuning (``checkpoint.load_pretrained``): a
+    released or trained classifier, a timm or SimMIM checkpoint; the head and anything else the backbone dropped
+    are left out and reported, windows and the position embedding are adapted. ``TRAIN.OBJECTIVE`` plays no part.
+
+    Raises:
+        ValueError: an unknown model type, or stage indices out of range.
+        checkpoint.CheckpointError: pretrained weights that cannot be read or do not fit.
+    """
+    model = _builder(config)(config)
+    if not isinstance(model, WindowTransformer):
+        raise ValueError(f"MODEL.TYPE {config.MODEL.TYPE!r} builds a {type(model).__name__}, which has no backbone API "
+                         "(forward_intermediates and as_backbone come with models.swin_transformer.WindowTransformer)")
+    backbone = model.as_backbone(out_indices, norm, output_fmt)
+    if config.MODEL.PRETRAINED:
+        from checkpoint import load_pretrained  # checkpoint imports the training loop; only needed here
+
+        load_pretrained(config, backbone)
+    return backbone
 
 
 def _trunk_args(config: CfgNode, section: CfgNode) -> dict:

@@ -28,6 +28,7 @@ class LoadReport:
     class_mapped: List[str] = field(default_factory=list)  # head tensors whose rows a class map selected
     reinitialised: List[str] = field(default_factory=list)  # a new head, set to zeros as the reference does
     simmim_dropped: List[str] = field(default_factory=list)  # a SimMIM checkpoint's decoder and mask token
+    pruned: List[str] = field(default_factory=list)  # what a backbone does not have (head, final norm, later stages)
     from_classifier: bool = False  # a classifier's weights taken as a SimMIM model's encoder
 
     def summary(self) -> str:
@@ -36,15 +37,16 @@ class LoadReport:
             parts.insert(0, "classifier checkpoint: its weights taken as the SimMIM encoder (prefix encoder. added)")
         elif self.simmim_dropped:
             parts.insert(0, "SimMIM pretraining checkpoint: its encoder taken (prefix encoder. removed)")
-        for name in ("resized", "class_mapped", "reinitialised", "dropped_derived", "simmim_dropped", "missing",
-                     "unexpected"):
+        for name in ("resized", "class_mapped", "reinitialised", "dropped_derived", "simmim_dropped", "pruned",
+                     "missing", "unexpected"):
             keys = getattr(self, name)
             if keys:
                 shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
                 label = {"reinitialised": "new, as initialised" if self.from_classifier
                          else "new head initialised to zeros",
                          "simmim_dropped": "dropped (no head in SimMIM)" if self.from_classifier
-                         else "dropped (pretraining only)"}.get(name, name.replace("_", " "))
+                         else "dropped (pretraining only)",
+                         "pruned": "dropped (not in the backbone)"}.get(name, name.replace("_", " "))
                 parts.append(f"{label}: {shown}")
         return "; ".join(parts)
 
@@ -77,6 +79,18 @@ def _what_differs(report: LoadReport, mismatched: List[str]) -> str:
     return "; ".join(causes)
 
 
+def drop_pruned(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """Removes the tensors of the parts that ``model`` pruned (``WindowTransformer.prune_intermediate_layers``: a
+    backbone has no head, and may lack the final norm and later stages), so a full checkpoint fits it.
+
+    Returns:
+        The other tensors, and the keys that were dropped.
+    """
+    prefixes = tuple(getattr(model, "pruned_prefixes", ()))
+    dropped = [k for k in state_dict if k.startswith(prefixes)] if prefixes else []
+    return {k: v for k, v in state_dict.items() if k not in dropped}, dropped
+
+
 def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True,
                             source: str = "checkpoint") -> LoadReport:
     """Loads learned tensors into ``model`` after dropping derived buffers, and reports every key.
@@ -89,8 +103,9 @@ def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor
         ValueError: with ``strict``, listing what did not match.
     """
     state_dict, dropped = drop_derived_buffers(state_dict)
+    state_dict, pruned = drop_pruned(state_dict, model)
     own = model.state_dict()
-    report = LoadReport(dropped_derived=dropped)
+    report = LoadReport(dropped_derived=dropped, pruned=pruned)
     report.missing = [k for k in own if k not in state_dict]
     report.unexpected = [k for k in state_dict if k not in own]
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -201,7 +216,8 @@ def adapt_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module,
         state_dict = {f"encoder.{k}": v for k, v in state_dict.items() if k not in HEAD_KEYS}
         new_for_simmim = [k for k in own if not k.startswith("encoder.") or k == "encoder.mask_token"]
     state_dict, dropped = drop_derived_buffers(state_dict)
-    report = LoadReport(dropped_derived=dropped, simmim_dropped=simmim_dropped)
+    state_dict, pruned = drop_pruned(state_dict, model)
+    report = LoadReport(dropped_derived=dropped, simmim_dropped=simmim_dropped, pruned=pruned)
     report.from_classifier = bool(new_for_simmim)
     adapted: Dict[str, torch.Tensor] = {k: own[k] for k in new_for_simmim}  # as the model initialised them
     report.reinitialised.extend(new_for_simmim)

@@ -5,9 +5,8 @@ multiple of its window and crops back, with attention masks built for the actual
 """
 import functools
 import logging
-import math
 from collections import OrderedDict
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,8 @@ ATTN_IMPLS = ("auto", "sdpa", "explicit")
 # Masks kept per stage for input sizes other than the configured one, least recently used dropped first, so
 # a stream of varying sizes (detection, multi-scale evaluation) cannot grow memory without bound.
 MASK_CACHE_SIZE = 8
+# Layouts of the maps that forward_intermediates returns (timm's names).
+OUTPUT_FORMATS = ("NCHW", "NHWC")
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -37,14 +38,14 @@ def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
     """
     B, H, W, C = x.shape
     x = x.reshape(B, H // window_size, window_size, W // window_size, window_size, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, C)
+    return copy_if_symbolic(x.permute(0, 1, 3, 2, 4, 5)).reshape(-1, window_size, window_size, C)
 
 
 def window_reverse(windows: torch.Tensor, window_size: int, H: int, W: int) -> torch.Tensor:
     """Inverse of :func:`window_partition`: (B * nW, ws, ws, C) -> (B, H, W, C)."""
     C = windows.shape[-1]
     x = windows.reshape(-1, H // window_size, W // window_size, window_size, window_size, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+    return copy_if_symbolic(x.permute(0, 1, 3, 2, 4, 5)).reshape(-1, H, W, C)
 
 
 def relative_position_index(window_size: int) -> torch.Tensor:
@@ -56,8 +57,31 @@ def relative_position_index(window_size: int) -> torch.Tensor:
     return relative[:, :, 0] * (2 * window_size - 1) + relative[:, :, 1]
 
 
-def shifted_window_mask(height: int, width: int, window_size: int, shift_size: int,
-                        valid_height: int, valid_width: int) -> Optional[torch.Tensor]:
+def is_symbolic(*sizes) -> bool:
+    """Whether any of ``sizes`` is a symbol rather than a number: torch.export with a dynamic image size, or
+    torch.compile once it has made a size dynamic. Code must then compute with the size instead of branching on it
+    (a branch would bind the traced graph to the sizes that take it)."""
+    return any(isinstance(size, torch.SymInt) for size in sizes)
+
+
+def is_exporting() -> bool:
+    """Whether torch.export traces the model (its default, non-strict tracing). torch.compile is excluded by name:
+    in some releases ``torch.compiler.is_exporting()`` is also True under it (pytorch/pytorch issue 176347)."""
+    return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
+
+
+def copy_if_symbolic(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, or a contiguous copy of it when its sizes are symbolic.
+
+    ``reshape`` views a tensor when its strides allow and copies it otherwise; with symbolic sizes, deciding that
+    makes the tracer assume whether each size is 1 (one window per row, a batch of one), which would bind the
+    exported graph to the traced sizes. After an unconditional copy the reshape is always a view.
+    """
+    return torch.clone(x, memory_format=torch.contiguous_format) if is_symbolic(*x.shape) else x
+
+
+def shifted_window_mask(height: int, width: int, window_size: int, shift_size: int, valid_height: int,
+                        valid_width: int, device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
     """The additive attention mask of one stage's windows, or None when nothing needs masking.
 
     After the cyclic shift a window can hold tokens from up to four regions of the original map that are
@@ -69,25 +93,39 @@ def shifted_window_mask(height: int, width: int, window_size: int, shift_size: i
         valid_height, valid_width: size of the map before padding.
 
     Returns:
-        (nW, N, N) float mask, or None when there is no shift and no padding.
+        (nW, N, N) float32 mask on ``device``, or None when there is no shift and no padding.
     """
     if shift_size == 0 and valid_height == height and valid_width == width:
         return None
-    region = torch.zeros(height, width)
+    return window_mask(height, width, window_size, shift_size, valid_height, valid_width, device)
+
+
+def window_mask(height: int, width: int, window_size: int, shift_size: int, valid_height: int, valid_width: int,
+                device: Optional[torch.device] = None) -> torch.Tensor:
+    """The mask of :func:`shifted_window_mask`, always built (all zeros when nothing needs masking).
+
+    Built from comparisons with the sizes, without branching on them, so the sizes may be symbolic: an exported
+    model with a dynamic image size computes its masks in the graph for the size it is given.
+
+    Returns:
+        (nW, N, N) float32 mask on ``device``.
+    """
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    padded = (rows >= valid_height)[:, None] | (cols >= valid_width)[None, :]
+    padded = window_partition(torch.roll(padded, shifts=(-shift_size, -shift_size), dims=(0, 1))[None, :, :, None],
+                              window_size).flatten(1)  # (nW, N)
+    num_tokens = window_size * window_size
+    masked = padded[:, None, :].expand(-1, num_tokens, -1)
     if shift_size > 0:
-        label = 0
-        bounds = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
-        for h in bounds:
-            for w in bounds:
-                region[h, w] = label
-                label += 1
-    padded = torch.ones(height, width, dtype=torch.bool)
-    padded[:valid_height, :valid_width] = False
-    padded = torch.roll(padded, shifts=(-shift_size, -shift_size), dims=(0, 1))
-    region = window_partition(region[None, :, :, None], window_size).flatten(1)  # (nW, N)
-    padded = window_partition(padded[None, :, :, None], window_size).flatten(1)
-    masked = (region[:, :, None] != region[:, None, :]) | padded[:, None, :]
-    return torch.zeros(masked.shape).masked_fill(masked, MASK_VALUE)
+        # Regions along each axis: before the last window (0), the last window up to the shift (1), the last
+        # shift_size tokens, which the cyclic shift brought from the other side of the map (2).
+        row_region = (rows >= height - window_size).long() + (rows >= height - shift_size).long()
+        col_region = (cols >= width - window_size).long() + (cols >= width - shift_size).long()
+        region = row_region[:, None] * 3 + col_region[None, :]
+        region = window_partition(region[None, :, :, None], window_size).flatten(1)
+        masked = masked | (region[:, :, None] != region[:, None, :])
+    return torch.zeros(masked.shape, device=device).masked_fill(masked, MASK_VALUE)
 
 
 class WindowAttentionBase(nn.Module):
@@ -313,15 +351,19 @@ class WindowBlock(nn.Module):
         """(B, H, W, C) -> (B, H, W, C): pads to the window, mixes tokens in (shifted) windows, crops back."""
         B, H, W, C = x.shape
         ws = self.window_size
-        pad_h, pad_w = (ws - H % ws) % ws, (ws - W % ws) % ws
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        Hp, Wp = H + pad_h, W + pad_w
+        # Ceiling divisions keep symbolic sizes simple through the stages (torch.export with a dynamic size).
+        Hp, Wp = (H + ws - 1) // ws * ws, (W + ws - 1) // ws * ws
+        symbolic = is_symbolic(H, W)
+        padding = symbolic or Hp != H or Wp != W  # a symbolic size may need padding: always pad (maybe by 0)
+        if padding:
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
         # The fused op and attention kernels choose their output layouts: reshape, never view.
         windows = self._partition(x).reshape(-1, ws * ws, C)
         windows = self.mix_tokens(windows, mask).reshape(-1, ws, ws, C)
         x = self._merge(windows, B, Hp, Wp)
-        if pad_h or pad_w:
+        if symbolic:
+            x = x.narrow_copy(1, 0, H).narrow_copy(2, 0, W)  # slicing would make the tracer prove H <= Hp
+        elif padding:
             x = x[:, :H, :W, :].contiguous()
         return x
 
@@ -393,13 +435,13 @@ class PatchMerging(nn.Module):
     def gather(x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 4C): each 2x2 neighbourhood concatenated."""
         B, H, W, C = x.shape
-        if H % 2 or W % 2:
-            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-            H, W = H + H % 2, W + W % 2
+        Ho, Wo = (H + 1) // 2, (W + 1) // 2
+        if is_symbolic(H, W) or 2 * Ho != H or 2 * Wo != W:
+            x = F.pad(x, (0, 0, 0, 2 * Wo - W, 0, 2 * Ho - H))
         # The released weights of `reduction` expect the channel blocks ordered (row 0, col 0), (row 1, col 0),
         # (row 0, col 1), (row 1, col 1) of each 2x2 patch: column offset outer, row offset inner. A reshape
         # gives that order with one copy (strided slicing plus cat costs four, and four more in backward).
-        return x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
+        return copy_if_symbolic(x.reshape(B, Ho, 2, Wo, 2, C).permute(0, 1, 3, 4, 2, 5)).reshape(B, Ho, Wo, 4 * C)
 
     def flops(self, H: int, W: int) -> int:
         return H * W * self.dim + (H // 2) * (W // 2) * 4 * self.dim * 2 * self.dim
@@ -444,10 +486,15 @@ class BasicLayer(nn.Module):
         self.register_buffer("attn_mask", mask, persistent=False)
         self._mask_cache: "OrderedDict[tuple, Optional[torch.Tensor]]" = OrderedDict()
 
-    def _build_mask(self, H: int, W: int, shift_size: int) -> Optional[torch.Tensor]:
+    def _build_mask(self, H: int, W: int, shift_size: int, device: Optional[torch.device] = None
+                    ) -> Optional[torch.Tensor]:
+        """The float32 mask of a map of H x W; with symbolic sizes always one (zeros where nothing is masked):
+        whether the map needs padding is only known when the exported model runs."""
         ws = self.window_size
-        Hp, Wp = math.ceil(H / ws) * ws, math.ceil(W / ws) * ws
-        return shifted_window_mask(Hp, Wp, ws, shift_size, H, W)
+        Hp, Wp = (H + ws - 1) // ws * ws, (W + ws - 1) // ws * ws
+        if is_symbolic(H, W):
+            return window_mask(Hp, Wp, ws, shift_size, H, W, device)
+        return shifted_window_mask(Hp, Wp, ws, shift_size, H, W, device)
 
     def masks(self, H: int, W: int, device: torch.device,
               dtype: torch.dtype = torch.float32) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -460,6 +507,11 @@ class BasicLayer(nn.Module):
         ws = self.window_size
         if not self.needs_mask:
             return None, None
+        if is_symbolic(H, W) or is_exporting():
+            # Built in the exported graph, never cached: a cached tensor would hold the tracer's fake data, and one
+            # built for the traced size must not serve another.
+            masks = (self._build_mask(H, W, shift, device) for shift in (0, self.shift_size))
+            return tuple(None if mask is None else mask.to(dtype) for mask in masks)
         if (H, W) == self.input_resolution and H % ws == 0 and W % ws == 0:
             mask = self.attn_mask
             return None, None if mask is None else mask.to(device=device, dtype=dtype)
@@ -471,8 +523,8 @@ class BasicLayer(nn.Module):
         if key in self._mask_cache:
             self._mask_cache.move_to_end(key)
             return self._mask_cache[key]
-        mask = self._build_mask(H, W, shift)
-        mask = None if mask is None else mask.to(device=device, dtype=dtype)
+        mask = self._build_mask(H, W, shift, device)
+        mask = None if mask is None else mask.to(dtype)
         self._mask_cache[key] = mask
         while len(self._mask_cache) > MASK_CACHE_SIZE:
             self._mask_cache.popitem(last=False)
@@ -519,8 +571,9 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         if H < p or W < p:
             raise ValueError(f"input of {H}x{W} pixels is smaller than one {p}x{p} patch")
-        if H % p or W % p:
-            x = F.pad(x, (0, (p - W % p) % p, 0, (p - H % p) % p))
+        Hp, Wp = (H + p - 1) // p * p, (W + p - 1) // p * p
+        if is_symbolic(H, W) or Hp != H or Wp != W:
+            x = F.pad(x, (0, Wp - W, 0, Hp - H))
         x = self.proj(x).permute(0, 2, 3, 1)
         return x if self.norm is None else self.norm(x)
 
@@ -528,6 +581,25 @@ class PatchEmbed(nn.Module):
         Ho, Wo = self.patches_resolution
         flops = Ho * Wo * self.embed_dim * self.in_chans * self.patch_size ** 2
         return flops + (Ho * Wo * self.embed_dim if self.norm is not None else 0)
+
+
+def stage_indices(num_stages: int, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
+    """timm's selection of feature maps as absolute stage indices: None for all stages, an int n for the last n,
+    a sequence for those stages (negative indices count from the end).
+
+    Raises:
+        ValueError: an index or a count out of range.
+    """
+    if indices is None:
+        return list(range(num_stages))
+    if isinstance(indices, int):
+        if not 0 < indices <= num_stages:
+            raise ValueError(f"cannot take the last {indices} stages of a model with {num_stages}")
+        return list(range(num_stages - indices, num_stages))
+    take = [num_stages + i if i < 0 else i for i in indices]
+    if not take or any(not 0 <= i < num_stages for i in take):
+        raise ValueError(f"stage indices {list(indices)} are not within 0..{num_stages - 1} (or -{num_stages}..-1)")
+    return take
 
 
 def drop_path_rates(depths: Sequence[int], drop_path_rate: float) -> List[List[float]]:
@@ -538,7 +610,8 @@ def drop_path_rates(depths: Sequence[int], drop_path_rate: float) -> List[List[f
 
 class WindowTransformer(nn.Module):
     """The trunk every family shares: patch embedding, optional absolute position embedding, stages of window
-    blocks with patch merging between them, final norm and linear head; features, heads, stage features, FLOPs.
+    blocks with patch merging between them, final norm and linear head; features, heads, FLOPs, and the backbone
+    API of dense tasks (:meth:`forward_intermediates`, :meth:`prune_intermediate_layers`, :meth:`as_backbone`).
 
     A family's constructor calls ``super().__init__()``, then :meth:`_build_trunk` with its block factory and
     patch merging, then its own initialisation.
@@ -574,6 +647,13 @@ class WindowTransformer(nn.Module):
             for i, depth in enumerate(depths)])
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # Each stage's output map, taken before its patch merging (the output of its last block), as timm lists it.
+        self.feature_info = [dict(num_chs=int(embed_dim * 2 ** i), reduction=patch_size * 2 ** i,
+                                  module=f"layers.{i}.blocks.{depth - 1}", index=i) for i, depth in enumerate(depths)]
+        self.feature_indices: Optional[List[int]] = None  # the stages forward returns, set by as_backbone
+        self.feature_norm = False
+        self.output_fmt = "NCHW"
+        self.pruned_prefixes: Tuple[str, ...] = ()  # state-dict key prefixes of what prune_intermediate_layers removed
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -605,7 +685,7 @@ class WindowTransformer(nn.Module):
         """The absolute position embedding as (1, H, W, C), resized bicubically for other input sizes."""
         h0, w0 = self.patch_embed.patches_resolution
         pos = self.absolute_pos_embed.reshape(1, h0, w0, -1)
-        if (H, W) == (h0, w0):
+        if not is_symbolic(H, W) and (H, W) == (h0, w0):
             return pos
         pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode="bicubic", align_corners=False)
         return pos.permute(0, 2, 3, 1)
@@ -622,26 +702,118 @@ class WindowTransformer(nn.Module):
         x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """(B, C_in, H, W) images -> (B, num_classes) logits; after :meth:`as_backbone`, the list of stage maps."""
+        if self.feature_indices is not None:
+            return self.forward_intermediates(x, self.feature_indices, norm=self.feature_norm,
+                                              output_fmt=self.output_fmt, intermediates_only=True)
         return self.forward_head(self.forward_features(x))
 
-    def forward_stage_features(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Each stage's output map before its patch merging, as (B, C_i, H_i, W_i), for dense tasks."""
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False
+                              ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The output maps of some stages, with timm's meaning of every argument.
+
+        Stage i's map is the output of its last block, before the patch merging that ends it here (and starts the
+        next stage in timm's layout): (B, C_i, H_i, W_i) with C_i and the stride H / H_i in ``feature_info[i]``.
+        Any input size works; each map is ceil(H / stride) x ceil(W / stride).
+
+        Args:
+            x: (B, C_in, H, W) images.
+            indices: stages to return: None for all, an int n for the last n, or a sequence of indices
+                (negative ones count from the end).
+            norm: apply the final norm to the last stage's map, if it is taken (the norm is sized for it alone).
+            stop_early: run no stage after the last one taken.
+            output_fmt: "NCHW" or "NHWC" maps.
+            intermediates_only: return only the maps.
+
+        Returns:
+            The list of maps, or (final features, maps): the final features are the last run stage's
+            (B, H', W', C) map, normalised when that is the model's last stage (as :meth:`forward_features`).
+        """
+        if output_fmt not in OUTPUT_FORMATS:
+            raise ValueError(f"output_fmt must be one of {', '.join(OUTPUT_FORMATS)}; got {output_fmt!r}")
+        take = stage_indices(len(self.layers), indices)
+        num_run = max(take) + 1 if stop_early or intermediates_only else len(self.layers)
         x = self._embed(x)
-        features = []
-        for layer in self.layers:
+        intermediates = []
+        for i, layer in enumerate(self.layers[:num_run]):
+            if i > 0:
+                x = self.layers[i - 1].downsample(x)
             x = layer.forward_blocks(x)
-            features.append(x.permute(0, 3, 1, 2))
-            if layer.downsample is not None:
-                x = layer.downsample(x)
-        return features
+            if i in take:
+                feature = self.norm(x) if norm and i == len(self.layers) - 1 else x
+                if output_fmt == "NCHW":
+                    feature = copy_if_symbolic(feature.permute(0, 3, 1, 2)).contiguous()
+                intermediates.append(feature)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if num_run == len(self.layers) else x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Removes what the maps of stages ``indices`` do not need, as timm does: the stages after the last one
+        taken (and its patch merging), the final norm when the last stage goes or with ``prune_norm``, the head
+        when anything goes or with ``prune_head``.
+
+        The removed parameters' key prefixes are added to ``pruned_prefixes``, which the checked loaders of
+        :mod:`models.state_dict` drop from a full checkpoint, so a released classifier still loads in one call.
+
+        Returns:
+            The absolute indices of the stages taken.
+        """
+        take = stage_indices(len(self.layers), indices)
+        last = max(take)
+        pruned = []
+        prune_end = last < len(self.layers) - 1
+        if prune_end:
+            pruned += [f"layers.{last}.downsample."] + [f"layers.{i}." for i in range(last + 1, len(self.layers))]
+            self.layers = self.layers[:last + 1]
+            self.layers[last].downsample = None
+            self.num_layers = last + 1
+            self.num_features = self.feature_info[last]["num_chs"]
+            self.feature_info = self.feature_info[:last + 1]
+        if (prune_norm or prune_end) and not isinstance(self.norm, nn.Identity):
+            self.norm = nn.Identity()  # sized for the last stage only
+            pruned.append("norm.")
+        if (prune_head or prune_end) and not isinstance(self.head, nn.Identity):
+            self.head = nn.Identity()
+            self.num_classes = 0
+            pruned.append("head.")
+        self.pruned_prefixes = self.pruned_prefixes + tuple(pruned)
+        return take
+
+    def as_backbone(self, out_indices: Optional[Union[int, Sequence[int]]] = None, norm: bool = False,
+                    output_fmt: str = "NCHW") -> "WindowTransformer":
+        """Turns this model into a feature extractor (timm's ``features_only``), in place: ``forward(images)``
+        returns the list of the stage maps ``out_indices`` (as ``indices`` of :meth:`forward_intermediates`; all
+        stages by default: strides 4, 8, 16, 32 for the published models), and ``feature_info`` describes them.
+        Head, unused stages and (without ``norm``) the final norm are removed by :meth:`prune_intermediate_layers`;
+        parameter names stay the classifier's.
+
+        Returns:
+            The model itself.
+        """
+        if output_fmt not in OUTPUT_FORMATS:
+            raise ValueError(f"output_fmt must be one of {', '.join(OUTPUT_FORMATS)}; got {output_fmt!r}")
+        if self.feature_indices is not None:
+            raise ValueError("this model is a backbone already; build a new model to choose other stages")
+        take = stage_indices(len(self.layers), out_indices)
+        self.prune_intermediate_layers(take, prune_norm=not norm, prune_head=True)
+        self.feature_indices = take
+        self.feature_norm = norm
+        self.output_fmt = output_fmt
+        self.feature_info = [self.feature_info[i] for i in take]
+        return self
 
     def flops(self) -> float:
         """Multiply-accumulates at the configured size, in the reference convention."""
         H, W = self.patch_embed.patches_resolution
         flops = self.patch_embed.flops() + sum(layer.flops() for layer in self.layers)
-        # The reference counts the final norm over H*W / 2**num_layers tokens; kept so figures match.
-        flops += self.num_features * H * W // (2 ** self.num_layers)
+        if not isinstance(self.norm, nn.Identity):
+            # The reference counts the final norm over H*W / 2**num_layers tokens; kept so figures match.
+            flops += self.num_features * H * W // (2 ** self.num_layers)
         return flops + self.num_features * self.num_classes
 
 

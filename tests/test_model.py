@@ -232,7 +232,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_stage_features_and_head_split():
     model = tiny_model().eval()
     x = torch.randn(2, 3, 32, 32)
-    features = model.forward_stage_features(x)
+    features = model.forward_intermediates(x, intermediates_only=True)
     assert [tuple(f.shape) for f in features] == [(2, 16, 16, 16), (2, 32, 8, 8)]
     with torch.no_grad():
         torch.testing.assert_close(model.forward_head(model.forward_features(x)), model(x))

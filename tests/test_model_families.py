@@ -223,7 +223,8 @@ def test_gradient_checkpointing_and_gradients_reach_every_parameter(family):
 def test_stage_features_head_split_and_drop_path_schedule(family):
     model = tiny(family).eval()
     x = torch.randn(2, 3, 32, 32)
-    assert [tuple(f.shape) for f in model.forward_stage_features(x)] == [(2, 16, 16, 16), (2, 32, 8, 8)]
+    maps = model.forward_intermediates(x, intermediates_only=True)
+    assert [tuple(f.shape) for f in maps] == [(2, 16, 16, 16), (2, 32, 8, 8)]
     with torch.no_grad():
         torch.testing.assert_close(model.forward_head(model.forward_features(x)), model(x))
     model = tiny(family, drop_path_rate=0.3)
