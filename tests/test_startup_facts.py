@@ -50,4 +50,4 @@ def test_log_names_the_absolute_output_folder(tmp_path, monkeypatch):
     assert driver.cli(["--cfg", DEMO, "--output", "relative_out", "--data-path", "nowhere", "--throughput",
                        "--batch-size", "2"]) == 0
     run_dir = tmp_path / "relative_out" / "swin_micro_digits" / "default"
-    assert f"output folder {run_dir}\n" in (run_dir / "log_rank0.txt").read_text()
+    assert f"output folder {run_dir}\n" in (run_dir / "log_throughput_rank0.txt").read_text()
