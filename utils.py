@@ -12,7 +12,7 @@ import random
 import socket
 import sys
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -117,19 +117,20 @@ def max_over_processes(value: int) -> int:
     return int(flag.item())
 
 
-def start_max_over_processes(value: int) -> Callable[[], int]:
-    """Starts :func:`max_over_processes` without waiting for it; the returned function waits and gives the result.
+def start_max_over_processes(values: Sequence[int]) -> Callable[[], List[int]]:
+    """Starts an element-wise maximum of ``values`` over all processes (on the control group) without waiting for
+    it; the returned function waits and gives the result (``values`` alone in a single process).
 
     Every process must start these in the same order, among the other control-group collectives.
     """
     if not is_distributed():
-        return lambda: value
-    flag = torch.tensor([value], dtype=torch.int64)
-    work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group(), async_op=True)
+        return lambda: list(values)
+    flags = torch.tensor(values, dtype=torch.int64)
+    work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=control_group(), async_op=True)
 
-    def result() -> int:
+    def result() -> List[int]:
         work.wait()
-        return int(flag.item())
+        return flags.tolist()
 
     return result
 

@@ -7,8 +7,9 @@ Every update of a run ends with ``preemption.StopSignals.stop_now()``, so that a
 update. This runs that call after each of ``--updates`` simulated updates (a sleep of ``--step-ms``: the host
 waiting for the device, as in a GPU step, ended by a small all-reduce that keeps the processes in step as the
 gradient all-reduce does) under torchrun, and reports the time spent in it per update, as a
-share of the step, for the pipelined agreement the loop uses (started after one update, read after the next) and,
-beside it, the blocking round trip it replaced. 18.3 ms is a Swin-T step at batch 128 and 7,000 img/s (the speed
+share of the step: ``interval``, what the loop does (an agreement about every ``preemption.AGREEMENT_INTERVAL``
+seconds, started at one and read at the next), beside ``async each update`` (an agreement started after every
+update, read after the next) and ``blocking each update`` (a round trip after every update, what it replaced). 18.3 ms is a Swin-T step at batch 128 and 7,000 img/s (the speed
 goal on one H100-class GPU); 59 ms is the measured eager step on the H200 (2,160 img/s, GPU_FACTS.md).
 """
 import argparse
@@ -29,13 +30,15 @@ def worker(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from preemption import StopSignals
-    from utils import exit_process, get_rank, init_distributed, max_over_processes, shutdown_distributed
+    from utils import (exit_process, get_rank, init_distributed, max_over_processes, shutdown_distributed,
+                       start_max_over_processes)
 
     init_distributed()
     step = args.step_ms / 1000
     results = {}
-    for name in ("pipelined", "blocking"):
+    for name in ("interval", "async each update", "blocking each update"):
         stop = StopSignals()
+        pending = None
         spent = []
         max_over_processes(0)  # line the processes up before timing
         gradients = torch.zeros(16)
@@ -43,13 +46,18 @@ def worker(args: argparse.Namespace) -> int:
             time.sleep(step)
             dist.all_reduce(gradients)
             started = time.perf_counter()
-            if name == "pipelined":
+            if name == "interval":
                 stop.stop_now()
+            elif name == "async each update":
+                if pending is not None:
+                    pending()
+                pending = start_max_over_processes([stop.received])
             else:
                 max_over_processes(stop.received)
             spent.append(time.perf_counter() - started)
-        if stop._pending is not None:
-            stop._pending()
+        for left in (stop._pending, pending):
+            if left is not None:
+                left()
         results[name] = {"mean_us": statistics.mean(spent) * 1e6, "median_us": statistics.median(spent) * 1e6,
                          "p99_us": sorted(spent)[int(0.99 * (len(spent) - 1))] * 1e6}
     if get_rank() == 0:

@@ -95,6 +95,33 @@ def test_host_side_agreement_works_on_a_group_that_refuses_cpu_tensors(nccl_like
             raise OSError("disk full")
 
 
+def test_the_stop_agreement_runs_about_twice_a_second_and_stops_within_two_intervals(nccl_like_group,
+                                                                                     monkeypatch):
+    """An agreement costs 0.1-0.8 ms of the host's time (benchmarks/bench_agreement.py), 1-3% of a fast GPU update,
+    so the processes agree about every AGREEMENT_INTERVAL seconds; a signal still stops them within two intervals."""
+    import preemption
+    from utils import init_distributed
+
+    init_distributed()
+    started = []
+    original = preemption.start_max_over_processes
+    monkeypatch.setattr(preemption, "start_max_over_processes", lambda values: started.append(1) or original(values))
+    update_seconds = 0.005
+    expected_every = preemption.AGREEMENT_INTERVAL / update_seconds  # 100 updates
+    with preemption.StopSignals() as stop:
+        for _ in range(400):
+            time.sleep(update_seconds)
+            assert not stop.stop_now()
+        assert 0.5 * expected_every <= stop._every <= expected_every
+        assert len(started) < 20, "an agreement after every update costs 1-3% of a fast update"
+        stop.received = signal.SIGTERM
+        updates = 1
+        while not stop.stop_now():
+            time.sleep(update_seconds)
+            updates += 1
+        assert updates <= 2 * stop._every + 1
+
+
 def test_under_a_process_group_of_one_the_model_takes_the_multi_process_path(nccl_like_group, monkeypatch):
     """torchrun --nproc_per_node 1 runs what eight processes run (DDP), and DDP broadcasts no buffers in its forward:
     all of them are derived from shapes."""
