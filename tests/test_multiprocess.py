@@ -272,9 +272,11 @@ def test_two_processes_under_nccl_rules_train_validate_stop_and_resume(uneven_da
         os.killpg(process.pid, signal.SIGTERM)  # what a scheduler sends to every process of the job
         process.wait(timeout=300)
     text = read_log(tmp_path / "run", 0)
-    assert re.search(r"stopped by SIGTERM at epoch 0 update \d+", text), open(tmp_path / "console.txt").read()[-3000:]
+    # The processes agree about twice a second: in an epoch this short the stop may come at its end.
+    assert re.search(r"stopped by SIGTERM at (epoch 0 update \d+|the end of epoch 0)", text), \
+        open(tmp_path / "console.txt").read()[-3000:]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "continuing at epoch 0" in read_log(tmp_path / "run", 0)
+    assert re.search(r"continuing at epoch [01]", read_log(tmp_path / "run", 0))
     with open(tmp_path / "run" / RUN / "metrics.jsonl") as f:
         assert [json.loads(line)["epoch"] for line in f] == [0, 1]
