@@ -75,6 +75,8 @@ _C.MODEL.SWIN.APE = False  # absolute position embedding
 _C.MODEL.SWIN.PATCH_NORM = True
 # Beyond the reference:
 # auto (explicit for CPU training, else sdpa) | sdpa (scaled_dot_product_attention) | explicit (softmax written out)
+# | flex (FlexAttention in windows) | flex_grid (FlexAttention on the whole map, no roll/partition); the flex paths
+# have no backward on the CPU. See models/swin_transformer.py WindowAttentionBase and README, Performance.
 _C.MODEL.SWIN.ATTN_IMPL = "auto"
 
 # Swin V2 (MODEL.TYPE swinv2)
@@ -373,8 +375,14 @@ def _choice(*choices: Any, **kw: Any) -> Valid:
 _BOOL, _STR = Valid("bool"), Valid("str")
 _FRACTION = _float(0, 1)  # a probability
 _RATE = _float(0, 1, high_open=True)  # a drop or smoothing rate: 1 would remove everything
-_ATTN_IMPLS = ("auto", "sdpa", "explicit")
 _INTERPOLATIONS = ("random", "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def _attn_impls() -> tuple:
+    """The attention paths of the window attention families (imported when checked, as the model types are)."""
+    from models.swin_transformer import ATTN_IMPLS
+
+    return ATTN_IMPLS
 
 
 def _family(has_qk_scale: bool = False, has_qkv_bias: bool = True, v2: bool = False,
@@ -390,7 +398,7 @@ def _family(has_qk_scale: bool = False, has_qkv_bias: bool = True, v2: bool = Fa
     if v2:
         entries["PRETRAINED_WINDOW_SIZES"] = Valid("ints", 0)
     if attention:
-        entries["ATTN_IMPL"] = _choice(*_ATTN_IMPLS)
+        entries["ATTN_IMPL"] = Valid("str", choices=lambda: _attn_impls())
     return entries
 
 
