@@ -129,15 +129,26 @@ def grid_mask_mod(width: int, window: int, shift: int) -> Callable:
 
 
 def grid_block_mask(height: int, width: int, window: int, shift: int, device: torch.device) -> "BlockMask":
-    """The block mask of :func:`grid_mask_mod` for an H x W map, built once per size, shift and device and kept."""
+    """The block mask of :func:`grid_mask_mod` for an H x W map, built once per size, shift and device and kept.
+
+    Under torch.compile it is built inside the graph instead (a few fused kernels a call): a lookup in the Python
+    cache would make the compiled graph guard on the cache's contents and compile the whole model a second time once
+    the first call has filled it.
+    """
+    if torch.compiler.is_compiling():
+        return _build_grid_block_mask(height, width, window, shift, device)
     key = (height, width, window, shift, str(device))
     if key in _block_masks:
         _block_masks.move_to_end(key)
         return _block_masks[key]
-    tokens = height * width
-    block_mask = create_block_mask(grid_mask_mod(width, window, shift), None, None, tokens, tokens, device=device,
-                                   BLOCK_SIZE=GRID_BLOCK_SIZE)
+    block_mask = _build_grid_block_mask(height, width, window, shift, device)
     _block_masks[key] = block_mask
     while len(_block_masks) > BLOCK_MASK_CACHE_SIZE:
         _block_masks.popitem(last=False)
     return block_mask
+
+
+def _build_grid_block_mask(height: int, width: int, window: int, shift: int, device: torch.device) -> "BlockMask":
+    tokens = height * width
+    return create_block_mask(grid_mask_mod(width, window, shift), None, None, tokens, tokens, device=device,
+                             BLOCK_SIZE=GRID_BLOCK_SIZE)
