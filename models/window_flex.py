@@ -32,6 +32,8 @@ NO_FLEX_BACKWARD = ("cpu", "mps")
 # Token block of the grid's block mask: FlexAttention's default tile; a query block of 128 row-major tokens spans
 # about two image rows, so it meets the keys of its window band in a few key blocks and skips the others.
 GRID_BLOCK_SIZE = 128
+# Compiled variants of flex_attention allowed in an eager model (4 stages x shifted or not x training or not x dtype).
+EAGER_FLEX_COMPILE_LIMIT = 64
 # Block masks kept for map sizes and shifts seen, least recently used dropped first (as the additive masks' cache).
 BLOCK_MASK_CACHE_SIZE = 16
 
@@ -69,7 +71,10 @@ def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_
     global _compiled_flex
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    # One compiled kernel per stage shape, mask, grad mode and dtype: more than dynamo's default of 8 recompiles of
+    # one function, past which it would silently run the unfused reference.
+    with torch._dynamo.config.patch(cache_size_limit=EAGER_FLEX_COMPILE_LIMIT):
+        return _compiled_flex(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
 
 def window_score_mod(table: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor]) -> Callable:
