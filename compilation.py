@@ -2,10 +2,10 @@
 
 ``TRAIN.COMPILE``: True compiles, False does not, None (auto, the default) decides by device from
 :data:`COMPILE_BY_DEFAULT`. ``TRAIN.COMPILE_MODE`` is torch.compile's mode ("reduce-overhead" adds CUDA graphs: the
-training loader drops its last partial batch, so shapes stay static), ``TRAIN.COMPILE_BACKEND`` its backend. Compiled code is cached on disk
-(``TRAIN.COMPILE_CACHE_DIR``, by default a per-user cache folder), so a restarted or resumed run, or a second run of
-the same model, loads it instead of compiling again. The compile runs on a synthetic batch before the first epoch,
-timed and logged, so that the first epoch's images/s measure training only.
+training loader drops its last partial batch, so shapes stay static), ``TRAIN.COMPILE_BACKEND`` its backend.
+Compiled code is cached on disk (``TRAIN.COMPILE_CACHE_DIR``, by default a per-user cache folder), so a restarted or
+resumed run, or a second run of the same model, loads it instead of compiling again. The compile runs on a synthetic
+batch before the first epoch, timed and logged, so that the first epoch's images/s measure training only.
 """
 import logging
 import os

@@ -142,10 +142,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def uses_flex(model: torch.nn.Module) -> bool:
+    return bool({getattr(m, "attn_impl", None) for m in model.modules()} & {"flex", "flex_grid"})
+
+
 def trains_on(model: torch.nn.Module, device: torch.device) -> bool:
     """FlexAttention has no backward on the CPU: our flex variants measure inference only there."""
-    impls = {getattr(m, "attn_impl", None) for m in model.modules()}
-    return device.type != "cpu" or not impls & {"flex", "flex_grid"}
+    return device.type != "cpu" or not uses_flex(model)
 
 
 def make_steps(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, precision: str, device,
@@ -293,6 +296,56 @@ def print_profiles(steps: Dict[str, Callable[[], None]], rows: int) -> None:
         sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         print(f"\n== profile: {name} ==")
         print(prof.key_averages().table(sort_by=sort_by, row_limit=rows))
+
+
+def bytes_written(step: Callable[[], None]) -> Dict[str, int]:
+    """Bytes each aten op writes during one call of ``step`` (outputs of every op that returns new memory, and the
+    destinations of in-place and copy ops): on a GPU, where these small-window ops are bound by memory traffic, a
+    device-independent account of the copies a path makes. Views write nothing and are not counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    written: Dict[str, int] = {}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+            name = func.overloadpacket.__name__
+            for t in tree_leaves(out):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                aliased = t.untyped_storage().data_ptr() in inputs
+                if not aliased or name.endswith("_") or "out" in (kwargs or {}):
+                    written[name] = written.get(name, 0) + t.numel() * t.element_size()
+            return out
+
+    with Count():
+        step()
+    return written
+
+
+def run_traffic(args, device: torch.device, images: torch.Tensor, targets: torch.Tensor) -> None:
+    """--traffic: MB written per image by each model's inference and training step, with the top operators."""
+    variants = args.variants.split(",")
+    models = build_models(args.model, args.img, variants)
+    for precision in [s.partition("-")[0] for s in args.settings.split(",")]:
+        for label, model in models.items():
+            if uses_flex(model):
+                print(f"{label}: not counted (FlexAttention's fused GPU kernel is not what runs on the CPU)")
+                continue
+            model.to(device)
+            infer, train = make_steps(model, images, targets, precision, device, "eager")
+            for mode, step in (("inference", infer), ("training", train)):
+                if step is None:
+                    continue
+                step()  # lazily built state (masks of other sizes, optimizer state) is not the step's traffic
+                written = bytes_written(step)
+                top = sorted(written.items(), key=lambda item: -item[1])[:args.traffic]
+                per_image = {name: count / args.batch / 2 ** 20 for name, count in written.items()}
+                print(f"{precision:<5} {mode:<10} {label:<16} {sum(per_image.values()):8.1f} MB/image: "
+                      + ", ".join(f"{name} {per_image[name]:.1f}" for name, _ in top), flush=True)
 
 
 class Bench:
@@ -481,6 +534,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="also print the top ROWS operators of each model's step (torch.profiler)")
+    parser.add_argument("--traffic", type=int, default=0, metavar="OPS",
+                        help="instead of timing: MB each model's step writes per image (--settings' precisions, "
+                        "--variants, eager), with the top OPS operators")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-setting", help=argparse.SUPPRESS)
     parser.add_argument("--child-mode", help=argparse.SUPPRESS)
@@ -496,6 +552,9 @@ def main() -> None:
     device = torch.device(args.device)
     images = torch.randn(args.batch, 3, img, img, device=device)
     targets = torch.randint(0, 1000, (args.batch,), device=device)
+    if args.traffic:
+        run_traffic(args, device, images, targets)
+        return
     bench = Bench(args, reference.flops(), images, targets)
     del reference
     bench.header(f"Swin-{args.model[0].upper()}" if args.model in ARCHS else args.model, img)

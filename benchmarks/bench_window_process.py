@@ -43,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--shapes", nargs="+", choices=list(STAGES), default=["swin-t"],
-                        help="stage shapes of these models (each case also compiles the unfused path: a few s on a GPU)")
+                        help="stage shapes of these models (each case compiles the unfused path: a few s on a GPU)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default: 3 on cpu, 50 on cuda)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default: 1 on cpu, 10 on cuda)")

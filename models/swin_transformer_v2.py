@@ -89,7 +89,7 @@ class WindowAttentionV2(WindowAttentionBase):
 
     def position_bias_table(self) -> torch.Tensor:
         """((2 ws - 1)^2, num_heads): the MLP's bias for each offset, bounded by 16 * sigmoid. The reference bounds
-        the gathered (N, N) bias; bounding the table first gives the same values and costs (2 ws - 1)^2 rows, not N^2."""
+        the gathered (N, N) bias; bounding the table first gives the same values for (2 ws - 1)^2 rows, not N^2."""
         return CPB_BOUND * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).reshape(-1, self.num_heads))
 
     def temperature(self) -> torch.Tensor:
