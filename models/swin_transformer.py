@@ -243,12 +243,11 @@ class WindowAttentionBase(nn.Module):
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
               mask: Optional[torch.Tensor]) -> torch.Tensor:
-        BnW, nH, N, d = q.shape
         dropout = self.attn_drop.p if self.training else 0.0
         if mask is None:
             attn_mask = bias.unsqueeze(0).to(q.dtype)  # (1, nH, N, N), broadcast over every window of every image
         else:
-            attn_mask = self._window_batch_mask(self._bias_and_mask(bias, mask), BnW, q.dtype)
+            attn_mask = self._window_batch_mask(self._bias_and_mask(bias, mask), q.shape[0], q.dtype)
         # q, k, v stay the strided views of the qkv projection: the kernels take any strides, and copying them
         # (as folding windows into heads would need) costs more than the per-window mask.
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=self.scale)
