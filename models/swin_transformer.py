@@ -264,10 +264,13 @@ class WindowAttentionBase(nn.Module):
         otherwise copy the whole mask again to pad it (49-token windows are not a multiple of 8).
         """
         nW, nH, N, _ = bias_and_mask.shape
-        aligned = -(-N // SDPA_MASK_ALIGNMENT) * SDPA_MASK_ALIGNMENT
-        out = bias_and_mask.new_empty((BnW // nW, nW, nH, N, aligned), dtype=dtype)[..., :N]
-        out.copy_(bias_and_mask.unsqueeze(0).expand(BnW // nW, nW, nH, N, N))
-        return out.reshape(BnW, nH, N, N)  # a view: the batch and window axes merge
+        expanded = bias_and_mask.to(dtype).unsqueeze(0).expand(BnW // nW, nW, nH, N, N)
+        pad = -N % SDPA_MASK_ALIGNMENT
+        if not pad:
+            return expanded.reshape(BnW, nH, N, N)  # one copy
+        # Padding writes the expanded mask once, into rows of the aligned length (its gradient is a view back); the
+        # slice and the reshape are views: the batch and window axes merge.
+        return F.pad(expanded, (0, pad))[..., :N].reshape(BnW, nH, N, N)
 
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                   mask: Optional[torch.Tensor]) -> torch.Tensor:
