@@ -105,6 +105,27 @@ inline bool plan_launch(const WindowGeometry& g, int64_t vector_bytes, LaunchPla
   return true;
 }
 
+// Where the k-th vector of a window row that starts at `first` along its image row lies on that row: the window row
+// wraps around the row's end at most once (window <= W), so one comparison replaces a division.
+WP_HOST_DEVICE inline int wrapped(int first, int k, int image_row_vecs) {
+  const int position = first + k;
+  return position >= image_row_vecs ? position - image_row_vecs : position;
+}
+
+// Calls f(u, k) for the u-th of a thread's vectors, the k-th of its window row, for those inside the row.
+template <typename F>
+WP_HOST_DEVICE inline void for_each_vector(int k0, int lanes, int row_vecs, F f) {
+#ifdef __CUDACC__
+#pragma unroll
+#endif
+  for (int u = 0; u < kVectorsPerThread; ++u) {
+    const int k = k0 + u * lanes;
+    if (k < row_vecs) {
+      f(u, k);
+    }
+  }
+}
+
 // The part of item `item` of image `b` that lane `lane` of the item's `lanes` threads copies.
 // kMerge == false: windows = partition(roll(image, -shift)); kMerge == true: image = roll(merge(windows), +shift).
 template <typename Vec, bool kMerge>
@@ -121,39 +142,19 @@ WP_HOST_DEVICE inline void copy_item(const Vec* __restrict__ source, Vec* __rest
   int w0 = ww * p.window + p.shift_w;
   w0 = w0 >= p.width ? w0 - p.width : w0;
 
-  // A window row is a contiguous run of the windows tensor and, along its image row, a run that starts at pixel w0
-  // and wraps around at most once: no division per element.
+  // A window row is a contiguous run of the windows tensor and, along its image row, a run that starts at pixel w0.
   const int64_t image_row = b * p.image_vecs + static_cast<int64_t>(h) * p.image_row_vecs;
   const int64_t window_row = b * p.image_vecs + static_cast<int64_t>(row) * p.row_vecs;
   const int first = w0 * p.pixel_vecs;
   const int k0 = chunk * p.chunk_vecs + lane;
+  const Vec* read_row = source + (kMerge ? window_row : image_row);
+  Vec* write_row = destination + (kMerge ? image_row : window_row);
+  // All loads before any store, so that a thread's kVectorsPerThread reads are in flight together.
   Vec values[kVectorsPerThread];
-#ifdef __CUDACC__
-#pragma unroll
-#endif
-  for (int u = 0; u < kVectorsPerThread; ++u) {
-    const int k = k0 + u * lanes;
-    if (k < p.row_vecs) {
-      int position = first + k;
-      position = position >= p.image_row_vecs ? position - p.image_row_vecs : position;
-      values[u] = kMerge ? source[window_row + k] : source[image_row + position];
-    }
-  }
-#ifdef __CUDACC__
-#pragma unroll
-#endif
-  for (int u = 0; u < kVectorsPerThread; ++u) {
-    const int k = k0 + u * lanes;
-    if (k < p.row_vecs) {
-      int position = first + k;
-      position = position >= p.image_row_vecs ? position - p.image_row_vecs : position;
-      if (kMerge) {
-        destination[image_row + position] = values[u];
-      } else {
-        destination[window_row + k] = values[u];
-      }
-    }
-  }
+  for_each_vector(k0, lanes, p.row_vecs,
+                  [&](int u, int k) { values[u] = read_row[kMerge ? k : wrapped(first, k, p.image_row_vecs)]; });
+  for_each_vector(k0, lanes, p.row_vecs,
+                  [&](int u, int k) { write_row[kMerge ? wrapped(first, k, p.image_row_vecs) : k] = values[u]; });
 }
 
 }  // namespace swin_window_process
