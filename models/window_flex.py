@@ -14,13 +14,10 @@ slower than SDPA without block sparsity, and its blocks (128 tokens by default) 
 torch's FlexAttention has no backward pass on the CPU: there the "flex" paths run inference only (torch's unfused
 reference implementation), and training stops with a message that names the attention settings that train on the CPU.
 """
-import logging
 from collections import OrderedDict
 from typing import Callable, Optional
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 try:  # torch >= 2.5; the model builds without it and only these paths are unavailable
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -32,6 +29,9 @@ NO_FLEX_BACKWARD = ("cpu", "mps")
 # Token block of the grid's block mask: FlexAttention's default tile; a query block of 128 row-major tokens spans
 # about two image rows, so it meets the keys of its window band in a few key blocks and skips the others.
 GRID_BLOCK_SIZE = 128
+# Devices where an eager model compiles flex_attention on its own, and the backend it uses.
+EAGER_FLEX_COMPILED_ON = ("cuda", "xpu")
+EAGER_FLEX_BACKEND = "inductor"
 # Compiled variants of flex_attention allowed in an eager model (4 stages x shifted or not x training or not x dtype).
 EAGER_FLEX_COMPILE_LIMIT = 64
 # Block masks kept for map sizes and shifts seen, least recently used dropped first (as the additive masks' cache).
@@ -66,14 +66,16 @@ def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_
         raise NotImplementedError(f"FlexAttention (attn_impl flex or flex_grid) has no backward pass on "
                                   f"{query.device.type} in torch {torch.__version__}: train there with attn_impl "
                                   "auto, sdpa or explicit")
-    if torch.compiler.is_compiling() or query.device.type == "cpu":
+    if torch.compiler.is_compiling() or query.device.type not in EAGER_FLEX_COMPILED_ON:
         return flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale)
     global _compiled_flex
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention, backend=EAGER_FLEX_BACKEND, dynamic=False)
     # One compiled kernel per stage shape, mask, grad mode and dtype: more than dynamo's default of 8 recompiles of
     # one function, past which it would silently run the unfused reference.
-    with torch._dynamo.config.patch(cache_size_limit=EAGER_FLEX_COMPILE_LIMIT):
+    # (torch renamed cache_size_limit to recompile_limit, keeping the old name as an alias for a while.)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{limit: EAGER_FLEX_COMPILE_LIMIT}):
         return _compiled_flex(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
 

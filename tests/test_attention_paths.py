@@ -107,6 +107,29 @@ def test_flex_paths_compile_in_one_graph_without_recompiling(attn_impl):
     assert counter.frame_count == 1
 
 
+@needs_flex
+@pytest.mark.parametrize("attn_impl", ["flex", "flex_grid"])
+def test_eager_model_compiles_flex_once_per_shape_not_per_call(attn_impl, monkeypatch):
+    """In an eager model on a GPU, flex_attention is compiled on its own; new score closures, tables and cached block
+    masks every call must not recompile it (past dynamo's limit it would fall back to the unfused reference). Run
+    here on the CPU with a counting backend in place of inductor."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    monkeypatch.setattr(window_flex, "EAGER_FLEX_COMPILED_ON", ("cpu",))
+    monkeypatch.setattr(window_flex, "EAGER_FLEX_BACKEND", counter)
+    monkeypatch.setattr(window_flex, "_compiled_flex", None)
+    model = micro_model("swin", attn_impl).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        first = model(images)
+        frames = counter.frame_count
+        for _ in range(2):
+            torch.testing.assert_close(model(images), first)
+    assert 0 < frames == counter.frame_count
+
+
 @pytest.mark.slow
 @needs_flex
 def test_flex_grid_block_compiles_with_inductor_on_the_cpu():
