@@ -355,6 +355,9 @@ class WindowBlock(nn.Module):
         fused_window_process: roll + partition with the fused kernel where it is available, in eager mode.
     """
 
+    # Whether the family's windowed token mixing takes the additive mask (Swin-MLP's zero padding does not).
+    masked_windows = True
+
     def __init__(self, dim: int, window_size: int, shift_size: int, mlp_ratio: float,
                  fused_window_process: bool = False):
         super().__init__()
@@ -375,9 +378,10 @@ class WindowBlock(nn.Module):
 
     @property
     def needs_mask(self) -> bool:
-        """Whether mix_tokens needs the additive shifted-window / padding mask of BasicLayer.masks (attention on the
-        un-partitioned map masks with its own block mask)."""
-        return self._grid_attention() is None
+        """Whether mix_tokens needs the additive shifted-window / padding mask of BasicLayer.masks now. Attention on
+        the un-partitioned map masks with its own block mask; its ``attn_impl`` can change after construction (export
+        switches every path to explicit), so this is asked on every call."""
+        return self.masked_windows and self._grid_attention() is None
 
     def _grid_attention(self) -> Optional[WindowAttentionBase]:
         """The block's window attention if it runs on the un-partitioned map (``attn_impl`` "flex_grid"), else None."""
@@ -557,10 +561,10 @@ class BasicLayer(nn.Module):
         drop_path = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList([make_block(window_size, 0 if i % 2 == 0 else shift_size, drop_path[i])
                                      for i in range(depth)])
-        self.needs_mask = any(block.needs_mask for block in self.blocks)
         self.downsample = downsample(dim) if downsample is not None else None
         H, W = self.input_resolution
-        mask = self._build_mask(H, W, shift_size) if self.needs_mask else None
+        masked = any(block.masked_windows for block in self.blocks)
+        mask = self._build_mask(H, W, shift_size) if masked else None
         self.register_buffer("attn_mask", mask, persistent=False)
         self._mask_cache: "OrderedDict[tuple, Optional[torch.Tensor]]" = OrderedDict()
 
@@ -573,6 +577,11 @@ class BasicLayer(nn.Module):
         if is_symbolic(H, W):
             return window_mask(Hp, Wp, ws, shift_size, H, W, device)
         return shifted_window_mask(Hp, Wp, ws, shift_size, H, W, device)
+
+    @property
+    def needs_mask(self) -> bool:
+        """Whether any block needs the additive masks of :meth:`masks` (asked per call, see WindowBlock.needs_mask)."""
+        return any(block.needs_mask for block in self.blocks)
 
     def masks(self, H: int, W: int, device: torch.device,
               dtype: torch.dtype = torch.float32) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

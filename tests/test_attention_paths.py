@@ -170,6 +170,21 @@ def test_grid_mask_keeps_exactly_the_pairs_the_shifted_windows_attend(height, wi
     assert torch.equal(mask_mod(0, 0, q_idx, kv_idx), expected)
 
 
+@needs_flex
+def test_a_flex_grid_model_switched_to_explicit_keeps_its_masks():
+    """A flex_grid stage needs no additive masks, but torch.export switches every path to explicit
+    (models/export.py): the stage must then build them, at the configured size and at others."""
+    explicit = micro_model("swin", "explicit").eval()
+    switched = micro_model("swin", "flex_grid").eval()
+    for module in switched.modules():
+        if hasattr(module, "attn_impl"):
+            module.attn_impl = "explicit"
+    with torch.no_grad():
+        for size in (32, 44):
+            images = torch.randn(2, 3, size, size)
+            torch.testing.assert_close(switched(images), explicit(images), **TOLERANCE)
+
+
 def test_shifted_sdpa_takes_qkv_views_and_an_aligned_per_window_mask(monkeypatch):
     """Shifted blocks give SDPA the projection's q, k, v views and a (B * nW, nH, N, N) mask whose rows are aligned
     for CUDA's memory-efficient kernel. Folding windows into heads instead, as before, copied q, k, v and the output
