@@ -75,6 +75,8 @@ _C.MODEL.SWIN.APE = False  # absolute position embedding
 _C.MODEL.SWIN.PATCH_NORM = True
 # Beyond the reference:
 # auto (explicit for CPU training, else sdpa) | sdpa (scaled_dot_product_attention) | explicit (softmax written out)
+# | flex (FlexAttention in windows) | flex_grid (FlexAttention on the whole map, no roll/partition); the flex paths
+# have no backward on the CPU. See models/swin_transformer.py WindowAttentionBase and README, Performance.
 _C.MODEL.SWIN.ATTN_IMPL = "auto"
 
 # Swin V2 (MODEL.TYPE swinv2)
@@ -153,7 +155,11 @@ _C.TRAIN.LAYER_DECAY = 1.0  # layer-wise learning-rate decay for fine-tuning; 1.
 _C.TRAIN.SAVE_ITERS = 0  # also save every this many optimizer steps (0: only at epoch ends)
 _C.TRAIN.KEEP_CHECKPOINTS = 3  # newest checkpoints kept, plus the best
 _C.TRAIN.MAX_SKIPPED_STEPS = 20  # float16: stop after this many skipped (non-finite) steps in a row
-_C.TRAIN.COMPILE = False  # torch.compile the model before DDP wrapping
+# torch.compile the model before DDP wrapping: None (auto: per device, see compilation.py) | True | False
+_C.TRAIN.COMPILE = None
+_C.TRAIN.COMPILE_MODE = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+_C.TRAIN.COMPILE_BACKEND = "inductor"  # torch.compile backend (aot_eager: traces without generating code, to debug)
+_C.TRAIN.COMPILE_CACHE_DIR = ""  # compiled code kept across runs; "" = ~/.cache/swin_transformer/inductor
 # Beyond the reference:
 _C.TRAIN.FSDP = False  # shard parameters, gradients and optimizer states across processes (FSDP2); see fsdp.py
 # classification (labels) | simmim (masked image modelling, no labels; main_simmim_pt.py sets it), see objectives.py
@@ -373,8 +379,27 @@ def _choice(*choices: Any, **kw: Any) -> Valid:
 _BOOL, _STR = Valid("bool"), Valid("str")
 _FRACTION = _float(0, 1)  # a probability
 _RATE = _float(0, 1, high_open=True)  # a drop or smoothing rate: 1 would remove everything
-_ATTN_IMPLS = ("auto", "sdpa", "explicit")
 _INTERPOLATIONS = ("random", "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def _attn_impls() -> tuple:
+    """The attention paths of the window attention families (imported when checked, as the model types are)."""
+    from models.swin_transformer import ATTN_IMPLS
+
+    return ATTN_IMPLS
+
+
+def _compile_modes() -> tuple:
+    from compilation import COMPILE_MODES  # it imports torch: only when checked
+
+    return COMPILE_MODES
+
+
+def _compile_backends() -> list:
+    """torch.compile's registered backends, debugging ones (aot_eager) included."""
+    from torch._dynamo import list_backends
+
+    return list_backends(exclude_tags=())
 
 
 def _family(has_qk_scale: bool = False, has_qkv_bias: bool = True, v2: bool = False,
@@ -390,7 +415,7 @@ def _family(has_qk_scale: bool = False, has_qkv_bias: bool = True, v2: bool = Fa
     if v2:
         entries["PRETRAINED_WINDOW_SIZES"] = Valid("ints", 0)
     if attention:
-        entries["ATTN_IMPL"] = _choice(*_ATTN_IMPLS)
+        entries["ATTN_IMPL"] = Valid("str", choices=lambda: _attn_impls())
     return entries
 
 
@@ -430,7 +455,10 @@ VALID: Dict[str, Valid] = {
                                                                                   "[0.9, 0.999]"),
     "TRAIN.OPTIMIZER.MOMENTUM": _FRACTION, "TRAIN.LAYER_DECAY": _float(0, 1, low_open=True, hint="1.0 turns it off"),
     "TRAIN.SAVE_ITERS": _int(0), "TRAIN.KEEP_CHECKPOINTS": _int(0, hint="0 keeps every checkpoint"),
-    "TRAIN.MAX_SKIPPED_STEPS": _int(0), "TRAIN.COMPILE": _BOOL, "TRAIN.FSDP": _BOOL,
+    "TRAIN.MAX_SKIPPED_STEPS": _int(0), "TRAIN.COMPILE": Valid("bool", optional=True, hint="None: auto"),
+    "TRAIN.COMPILE_MODE": Valid("str", choices=lambda: _compile_modes()),
+    "TRAIN.COMPILE_BACKEND": Valid("str", choices=lambda: _compile_backends()), "TRAIN.COMPILE_CACHE_DIR": _STR,
+    "TRAIN.FSDP": _BOOL,
     "TRAIN.OBJECTIVE": _choice(*OBJECTIVES),
     "AUG.COLOR_JITTER": _float(0), "AUG.AUTO_AUGMENT": Valid("str", test=_auto_augment_problem),
     "AUG.REPROB": _FRACTION, "AUG.REMODE": _choice("const", "rand", "pixel"), "AUG.RECOUNT": _int(1),

@@ -22,7 +22,9 @@ from yacs.config import CfgNode
 
 import config as cfg_lib
 from config import ConfigError
-from engine import EpochState, NonFiniteLossError, Precision, TrainParts, throughput, train_one_epoch, validate
+from compilation import compile_model, is_compiled, warm_up
+from engine import (EpochState, NonFiniteLossError, Precision, TrainParts, micro_step, throughput, train_one_epoch,
+                    validate)
 from objectives import build_objective
 from logger import setup_logging
 from lr_scheduler import build_scheduler
@@ -106,7 +108,7 @@ def prepare_model(config: CfgNode, device: torch.device):
     if config.TRAIN.FSDP:
         logger.info("TRAIN.FSDP without torchrun: nothing to shard; the plain model trains, checkpoints are sharded")
     model.to(device)
-    train_model = torch.compile(model) if config.TRAIN.COMPILE else model
+    train_model = compile_model(model, config, device)
     if is_distributed():
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None,
                                               **_NO_BUFFER_SYNC_IN_FORWARD)
@@ -117,11 +119,8 @@ def prepare_model(config: CfgNode, device: torch.device):
     return model, model_ema, train_model
 
 
-def run_throughput(config: CfgNode, device: torch.device) -> None:
-    """Synthetic-data images/s of inference and of the full training step; needs no dataset."""
-    model, model_ema, train_model = prepare_model(config, device)
-    optimizer = build_optimizer(config, model, device)
-    precision = build_precision(config)
+def synthetic_batch(config: CfgNode, model: nn.Module, device: torch.device):
+    """A random batch of the training loader's shapes: (images, targets), images with SimMIM's masks for SimMIM."""
     batch = config.DATA.BATCH_SIZE
     embedding = model.encoder.patch_embed if config.TRAIN.OBJECTIVE == "simmim" else model.patch_embed
     images = torch.randn(batch, embedding.in_chans, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, device=device)
@@ -131,6 +130,16 @@ def run_throughput(config: CfgNode, device: torch.device) -> None:
 
         generator = build_mask_generator(config)
         images = (images, torch.stack([generator() for _ in range(batch)]).to(device))
+    return images, targets
+
+
+def run_throughput(config: CfgNode, device: torch.device) -> None:
+    """Synthetic-data images/s of inference and of the full training step; needs no dataset."""
+    model, model_ema, train_model = prepare_model(config, device)
+    optimizer = build_optimizer(config, model, device)
+    precision = build_precision(config)
+    batch = config.DATA.BATCH_SIZE
+    images, targets = synthetic_batch(config, model, device)
     parts = TrainParts(model=train_model, criterion=build_criterion(config, mixup=False), optimizer=optimizer,
                        lr_scheduler=build_scheduler(config, optimizer, 1000),
                        scaler=torch.amp.GradScaler(device.type) if precision.needs_scaler else None,
@@ -256,6 +265,9 @@ def train(config: CfgNode, model: nn.Module, model_ema, train_model: nn.Module, 
             writer.add_scalar(tag, value, step)
 
     eval_precision = build_precision(config, evaluation=True)
+    if is_compiled(train_model):
+        warm_up(lambda: micro_step(parts, *synthetic_batch(config, model, device), device, precision, accum, True),
+                lambda: optimizer.zero_grad(set_to_none=True), device)
     logger.info("training from epoch %d update %d to epoch %d (%d updates per epoch)", state.epoch,
                 state.update, config.TRAIN.EPOCHS, updates_per_epoch)
     start = time.time()

@@ -28,8 +28,9 @@ from kernels.window_process import (  # noqa: E402  (the repository root is put 
     window_merge_and_roll,
 )
 
-# (H, W, C) of the four Swin-T stages at 224x224 input.
-SWIN_T_STAGES = [(56, 56, 96), (28, 28, 192), (14, 14, 384), (7, 7, 768)]
+# (H, W, C) of the four stages at 224x224 input.
+STAGES = {"swin-t": [(56, 56, 96), (28, 28, 192), (14, 14, 384), (7, 7, 768)],
+          "swin-b": [(56, 56, 128), (28, 28, 256), (14, 14, 512), (7, 7, 1024)]}
 WINDOW = 7
 SHIFT = 3
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -41,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--shapes", nargs="+", choices=list(STAGES), default=["swin-t"],
+                        help="stage shapes of these models (each case compiles the unfused path: a few s on a GPU)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default: 3 on cpu, 50 on cuda)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations (default: 1 on cpu, 10 on cuda)")
@@ -175,7 +178,7 @@ def main() -> None:
 
     results = []
     for dtype_name in args.dtypes:
-        for shape in SWIN_T_STAGES:
+        for shape in [shape for model in args.shapes for shape in STAGES[model]]:
             results.append(bench_case(args, device, shape, DTYPES[dtype_name]))
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)

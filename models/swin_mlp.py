@@ -34,7 +34,7 @@ class SwinMLPBlock(WindowBlock):
             ones pad instead of rolling, which the kernel does not do).
     """
 
-    needs_mask = False
+    masked_windows = False
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift_size: int = 0, mlp_ratio: float = 4.0,
                  drop: float = 0.0, drop_path: float = 0.0, fused_window_process: bool = False):

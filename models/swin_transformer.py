@@ -14,12 +14,18 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
+from models import window_flex
+
 logger = logging.getLogger(__name__)
 
 # Added to the attention logits of token pairs that must not attend to each other. The reference uses
 # -100 rather than -inf: exp(-100) is 0 in every float format, and a fully masked row stays finite.
 MASK_VALUE = -100.0
-ATTN_IMPLS = ("auto", "sdpa", "explicit")
+# Attention paths (see WindowAttentionBase); the FlexAttention ones need torch.nn.attention.flex_attention.
+ATTN_IMPLS = ("auto", "sdpa", "explicit", "flex", "flex_grid")
+FLEX_IMPLS = ("flex", "flex_grid")
+# Alignment, in elements, of the rows of an SDPA mask that CUDA's memory-efficient kernel reads without copying.
+SDPA_MASK_ALIGNMENT = 8
 # Masks kept per stage for input sizes other than the configured one, least recently used dropped first, so
 # a stream of varying sizes (detection, multi-scale evaluation) cannot grow memory without bound.
 MASK_CACHE_SIZE = 8
@@ -129,18 +135,27 @@ def window_mask(height: int, width: int, window_size: int, shift_size: int, vali
 
 
 class WindowAttentionBase(nn.Module):
-    """Multi-head attention inside windows with an additive per-head position bias: the two computation paths
+    """Multi-head attention inside windows with an additive per-head relative position bias: the computation paths
     every attention family shares.
 
     A subclass sets ``dim``, ``window_size``, ``num_heads``, ``scale`` (multiplies q k^T), ``attn_impl``,
-    ``attn_drop``, ``proj`` and ``proj_drop``, and implements :meth:`query_key_value` and
-    :meth:`relative_position_bias`.
+    ``attn_drop``, ``proj``, ``proj_drop`` and the ``relative_position_index`` buffer, and implements
+    :meth:`query_key_value` and :meth:`position_bias_table`.
 
-    ``attn_impl``: "sdpa" (scaled_dot_product_attention, bias and mask folded into one additive mask),
-    "explicit" (softmax written out) or "auto": sdpa, except on the CPU when training or in reduced precision
-    (autocast or a half/bfloat16 model), where the explicit path measured faster (README, Performance). On the
-    CPU, PyTorch's fused attention kernel has no gradient for an additive mask, so training falls back to its
-    generic path; in bfloat16 its flash kernel is slower than batched matmuls over 49-token windows.
+    ``attn_impl`` (all give the same outputs and gradients; which is fastest depends on the device, README Performance):
+
+    - "explicit": q k^T, bias and mask added in one pass, softmax, times v. Batched matmuls over 49-token windows;
+      the fastest on the CPU in training and reduced precision, and the reference's and timm's default path.
+    - "sdpa": ``scaled_dot_product_attention`` with bias and mask as one additive mask. A fused kernel where the
+      backend has one for an additive mask (CUDA's memory-efficient kernel, the CPU's flash kernel in inference).
+    - "flex": FlexAttention on the partitioned windows; the bias is looked up from the table inside the kernel
+      instead of being materialised (see :mod:`models.window_flex`).
+    - "flex_grid": FlexAttention on the whole map with a block mask that keeps each token to its (shifted) window:
+      no padding, roll, partition or merge copies (the block calls :meth:`forward_grid`).
+    - "auto": sdpa, except on the CPU when training or in reduced precision (autocast or a half/bfloat16 model),
+      where the explicit path measured faster. On the CPU, PyTorch's fused attention kernel has no gradient for an
+      additive mask, so training falls back to its generic path; in bfloat16 its flash kernel is slower than batched
+      matmuls over 49-token windows.
     """
 
     dim: int
@@ -150,17 +165,30 @@ class WindowAttentionBase(nn.Module):
     attn_impl: str
 
     @staticmethod
-    def check_attn_impl(attn_impl: str) -> None:
+    def check_attn_impl(attn_impl: str, attn_drop: float = 0.0) -> None:
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {', '.join(ATTN_IMPLS)}; got {attn_impl!r}")
+        if attn_impl in FLEX_IMPLS:
+            window_flex.check_flex_available(attn_impl)
+            if attn_drop > 0:
+                raise ValueError(f"attn_impl {attn_impl!r} has no attention dropout (FlexAttention applies none); "
+                                 f"got attn_drop {attn_drop}: use sdpa or explicit")
 
     def query_key_value(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B * nW, N, C) -> q, k, v, each (B * nW, nH, N, head_dim); attention multiplies q k^T by ``self.scale``."""
+        """(B', L, C) tokens -> q, k, v, each (B', nH, L, head_dim); attention multiplies q k^T by ``self.scale``.
+        B' is windows x images and L the window's tokens, or images and the whole map's tokens (``flex_grid``)."""
+        raise NotImplementedError
+
+    def position_bias_table(self) -> torch.Tensor:
+        """((2 ws - 1)^2, nH): the additive bias of each relative offset (dy, dx) = query - key, at row
+        (dy + ws - 1) * (2 ws - 1) + dx + ws - 1 (the convention of :func:`relative_position_index`)."""
         raise NotImplementedError
 
     def relative_position_bias(self) -> torch.Tensor:
-        """(num_heads, N, N) additive bias of the attention logits."""
-        raise NotImplementedError
+        """(num_heads, N, N) additive bias of each window's logits, gathered from :meth:`position_bias_table`."""
+        N = self.window_size ** 2
+        bias = self.position_bias_table()[self.relative_position_index.reshape(-1)]
+        return bias.reshape(N, N, self.num_heads).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention within each window.
@@ -174,38 +202,75 @@ class WindowAttentionBase(nn.Module):
         """
         BnW, N, C = x.shape
         q, k, v = self.query_key_value(x)
-        bias = self.relative_position_bias()
-        if self._use_sdpa(x):
-            x = self._sdpa(q, k, v, bias, mask)
+        impl = self._resolved_impl(x)
+        if impl in FLEX_IMPLS:
+            score_mod = window_flex.window_score_mod(self.position_bias_table(), self.relative_position_index, mask)
+            x = window_flex.run_flex(q, k, v, score_mod, None, self.scale)
+        elif impl == "sdpa":
+            x = self._sdpa(q, k, v, self.relative_position_bias(), mask)
         else:
-            x = self._explicit(q, k, v, bias, mask)
+            x = self._explicit(q, k, v, self.relative_position_bias(), mask)
         x = x.transpose(1, 2).reshape(BnW, N, C)
         return self.proj_drop(self.proj(x))
 
-    def _use_sdpa(self, x: torch.Tensor) -> bool:
+    def forward_grid(self, x: torch.Tensor, shift_size: int) -> torch.Tensor:
+        """Attention of each token to the tokens of its (shifted) window, on the un-partitioned map (``flex_grid``).
+
+        Args:
+            x: (B, H, W, C), any H and W (no padding: border windows are smaller).
+            shift_size: the block's shift; 0 for unshifted blocks.
+
+        Returns:
+            (B, H, W, C), equal to padding, rolling, partitioning, window attention, merging, rolling back and cropping.
+        """
+        B, H, W, C = x.shape
+        ws = self.window_size
+        q, k, v = self.query_key_value(x.reshape(B, H * W, C))
+        score_mod = window_flex.grid_score_mod(self.position_bias_table(), W, ws)
+        block_mask = window_flex.grid_block_mask(H, W, ws, shift_size, x.device)
+        x = window_flex.run_flex(q, k, v, score_mod, block_mask, self.scale)
+        x = x.transpose(1, 2).reshape(B, H, W, C)
+        return self.proj_drop(self.proj(x))
+
+    def _resolved_impl(self, x: torch.Tensor) -> str:
+        """The path this call takes: ``attn_impl``, with "auto" resolved for the device, precision and grad mode."""
         if self.attn_impl != "auto":
-            return self.attn_impl == "sdpa"
+            return self.attn_impl
         if x.device.type != "cpu":
-            return True
+            return "sdpa"
         reduced_precision = x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
-        return not (torch.is_grad_enabled() or reduced_precision)
+        return "explicit" if torch.is_grad_enabled() or reduced_precision else "sdpa"
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
               mask: Optional[torch.Tensor]) -> torch.Tensor:
-        BnW, nH, N, d = q.shape
         dropout = self.attn_drop.p if self.training else 0.0
         if mask is None:
-            attn_mask = bias.unsqueeze(0).to(q.dtype)  # (1, nH, N, N)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=self.scale)
-        # Fold windows and heads into one axis so one (1, nW * nH, N, N) mask serves every image
-        # and SDPA still sees the 4-D inputs its fused kernels need.
-        nW = mask.shape[0]
-        attn_mask = self._bias_and_mask(bias, mask).reshape(1, nW * nH, N, N).to(q.dtype)
-        q, k, v = (t.reshape(BnW // nW, nW * nH, N, d) for t in (q, k, v))
+            attn_mask = bias.unsqueeze(0).to(q.dtype)  # (1, nH, N, N), broadcast over every window of every image
+        else:
+            attn_mask = self._window_batch_mask(self._bias_and_mask(bias, mask), q.shape[0], q.dtype)
+        # q, k, v stay the strided views of the qkv projection: the kernels take any strides, and copying them
+        # (as folding windows into heads would need) costs more than the per-window mask.
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=self.scale)
-        # CUDA's flash and memory-efficient kernels return (B, M, H, K) memory transposed to (B, H, M, K);
-        # only a reshape is valid for every layout a backend may return.
-        return x.reshape(BnW, nH, N, d)
+        # CUDA's flash and memory-efficient kernels return (B, M, H, K) memory transposed to (B, H, M, K); callers
+        # reshape, never view.
+        return x
+
+    @staticmethod
+    def _window_batch_mask(bias_and_mask: torch.Tensor, BnW: int, dtype: torch.dtype) -> torch.Tensor:
+        """(nW, nH, N, N) -> (B * nW, nH, N, N) in ``dtype``: window b of the batch is window b % nW of its image, which
+        no stride can express, so the mask is written out once per call (a few bytes per token and head).
+
+        Its rows start at multiples of 8 elements: CUDA's memory-efficient kernel needs that alignment and would
+        otherwise copy the whole mask again to pad it (49-token windows are not a multiple of 8).
+        """
+        nW, nH, N, _ = bias_and_mask.shape
+        expanded = bias_and_mask.to(dtype).unsqueeze(0).expand(BnW // nW, nW, nH, N, N)
+        pad = -N % SDPA_MASK_ALIGNMENT
+        if not pad:
+            return expanded.reshape(BnW, nH, N, N)  # one copy
+        # Padding writes the expanded mask once, into rows of the aligned length (its gradient is a view back); the
+        # slice and the reshape are views: the batch and window axes merge.
+        return F.pad(expanded, (0, pad))[..., :N].reshape(BnW, nH, N, N)
 
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                   mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -234,8 +299,6 @@ class WindowAttentionBase(nn.Module):
         return (N * self.dim * 3 * self.dim + 2 * self.num_heads * N * head_dim * N + N * self.dim * self.dim)
 
 
-
-
 class WindowAttention(WindowAttentionBase):
     """Multi-head self-attention inside windows, with a learned relative position bias.
 
@@ -246,14 +309,14 @@ class WindowAttention(WindowAttentionBase):
         qkv_bias: learn a bias for query, key and value.
         qk_scale: logit scale; None means head_dim ** -0.5.
         attn_drop, proj_drop: dropout rates.
-        attn_impl: "auto", "sdpa" or "explicit" (see :class:`WindowAttentionBase`).
+        attn_impl: one of :data:`ATTN_IMPLS` (see :class:`WindowAttentionBase`).
     """
 
     def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  attn_impl: str = "auto"):
         super().__init__()
-        self.check_attn_impl(attn_impl)
+        self.check_attn_impl(attn_impl, attn_drop)
         self.dim = dim
         self.window_size = window_size
         self.num_heads = num_heads
@@ -267,11 +330,9 @@ class WindowAttention(WindowAttentionBase):
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def relative_position_bias(self) -> torch.Tensor:
-        """(num_heads, N, N) bias gathered from the table."""
-        N = self.window_size ** 2
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
-        return bias.reshape(N, N, self.num_heads).permute(2, 0, 1)
+    def position_bias_table(self) -> torch.Tensor:
+        """The learned table itself: ((2 ws - 1)^2, num_heads)."""
+        return self.relative_position_bias_table
 
     def query_key_value(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         BnW, N, C = x.shape
@@ -294,8 +355,8 @@ class WindowBlock(nn.Module):
         fused_window_process: roll + partition with the fused kernel where it is available, in eager mode.
     """
 
-    # Whether mix_tokens needs the additive shifted-window / padding mask of BasicLayer.masks.
-    needs_mask = True
+    # Whether the family's windowed token mixing takes the additive mask (Swin-MLP's zero padding does not).
+    masked_windows = True
 
     def __init__(self, dim: int, window_size: int, shift_size: int, mlp_ratio: float,
                  fused_window_process: bool = False):
@@ -315,13 +376,25 @@ class WindowBlock(nn.Module):
         self.mlp = Mlp(in_features=self.dim, hidden_features=int(self.dim * self.mlp_ratio), act_layer=nn.GELU,
                        drop=drop)
 
+    @property
+    def needs_mask(self) -> bool:
+        """Whether mix_tokens needs the additive shifted-window / padding mask of BasicLayer.masks now. Attention on
+        the un-partitioned map masks with its own block mask; its ``attn_impl`` can change after construction (export
+        switches every path to explicit), so this is asked on every call."""
+        return self.masked_windows and self._grid_attention() is None
+
+    def _grid_attention(self) -> Optional[WindowAttentionBase]:
+        """The block's window attention if it runs on the un-partitioned map (``attn_impl`` "flex_grid"), else None."""
+        attn = getattr(self, "attn", None)
+        return attn if isinstance(attn, WindowAttentionBase) and attn.attn_impl == "flex_grid" else None
+
     def mix_tokens(self, windows: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """(B * nW, N, C) tokens of each window -> the same shape, mixed within each window."""
         raise NotImplementedError
 
     def _partition(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Hp, Wp, C) -> shifted windows (B * nW, ws, ws, C)."""
-        if self._use_fused(x):
+        if self._use_fused(x, x.shape[2]):
             from kernels.window_process import roll_and_window_partition
             return roll_and_window_partition(x, self.shift_size, self.window_size)
         if self.shift_size:
@@ -330,7 +403,7 @@ class WindowBlock(nn.Module):
 
     def _merge(self, windows: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
         """Inverse of :meth:`_partition`."""
-        if self._use_fused(windows):
+        if self._use_fused(windows, W):
             from kernels.window_process import window_merge_and_roll
             return window_merge_and_roll(windows, B, H, W, self.shift_size, self.window_size)
         x = window_reverse(windows, self.window_size, H, W)
@@ -338,17 +411,26 @@ class WindowBlock(nn.Module):
             x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
         return x
 
-    def _use_fused(self, x: torch.Tensor) -> bool:
+    def _use_fused(self, x: torch.Tensor, width: int) -> bool:
+        """Whether to move ``x`` with the fused kernel; ``width``: the padded map's width."""
         # Under torch.compile the plain roll and permutes are left to inductor, which fuses them with the norm,
         # padding and residual around them; the opaque fused op would prevent that, and measured no faster in a
         # compiled model (README, Performance).
         if not self.fused_window_process or torch.compiler.is_compiling():
             return False
+        # Unshifted, a map one window wide (Swin-T's last stage: 7x7, window 7) is partitioned and merged by views,
+        # which copy nothing; the fused op would copy it.
+        if not self.shift_size and width == self.window_size:
+            return False
         from kernels.window_process import is_available
         return is_available(x.device)
 
     def window_mix(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C): pads to the window, mixes tokens in (shifted) windows, crops back."""
+        """(B, H, W, C) -> (B, H, W, C): pads to the window, mixes tokens in (shifted) windows, crops back; or, for
+        attention on the un-partitioned map, all of that in one masked attention over the map."""
+        grid_attention = self._grid_attention()
+        if grid_attention is not None:
+            return grid_attention.forward_grid(x, self.shift_size)
         B, H, W, C = x.shape
         ws = self.window_size
         # Ceiling divisions keep symbolic sizes simple through the stages (torch.export with a dynamic size).
@@ -479,10 +561,10 @@ class BasicLayer(nn.Module):
         drop_path = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList([make_block(window_size, 0 if i % 2 == 0 else shift_size, drop_path[i])
                                      for i in range(depth)])
-        self.needs_mask = any(block.needs_mask for block in self.blocks)
         self.downsample = downsample(dim) if downsample is not None else None
         H, W = self.input_resolution
-        mask = self._build_mask(H, W, shift_size) if self.needs_mask else None
+        masked = any(block.masked_windows for block in self.blocks)
+        mask = self._build_mask(H, W, shift_size) if masked else None
         self.register_buffer("attn_mask", mask, persistent=False)
         self._mask_cache: "OrderedDict[tuple, Optional[torch.Tensor]]" = OrderedDict()
 
@@ -495,6 +577,11 @@ class BasicLayer(nn.Module):
         if is_symbolic(H, W):
             return window_mask(Hp, Wp, ws, shift_size, H, W, device)
         return shifted_window_mask(Hp, Wp, ws, shift_size, H, W, device)
+
+    @property
+    def needs_mask(self) -> bool:
+        """Whether any block needs the additive masks of :meth:`masks` (asked per call, see WindowBlock.needs_mask)."""
+        return any(block.needs_mask for block in self.blocks)
 
     def masks(self, H: int, W: int, device: torch.device,
               dtype: torch.dtype = torch.float32) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -824,7 +911,7 @@ class SwinTransformer(WindowTransformer):
         img_size: configured input size; fixes the stage resolutions, windows and position embedding.
         patch_size, in_chans, num_classes, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias,
         qk_scale, drop_rate, attn_drop_rate, drop_path_rate, ape, patch_norm, use_checkpoint: as the reference.
-        attn_impl: "auto", "sdpa" or "explicit" attention (see WindowAttention).
+        attn_impl: attention path, one of :data:`ATTN_IMPLS` (see :class:`WindowAttentionBase`).
         fused_window_process: use the fused roll + partition kernel where it is available.
     """
 

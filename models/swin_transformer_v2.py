@@ -47,7 +47,7 @@ def relative_coords_table(window_size: int, pretrained_window_size: int = 0) -> 
 class WindowAttentionV2(WindowAttentionBase):
     """Scaled cosine attention inside windows with a continuous (MLP-generated) relative position bias.
 
-    Both attention paths of :class:`WindowAttentionBase` serve it: q and k are L2-normalised and the clamped
+    Every attention path of :class:`WindowAttentionBase` serves it: q and k are L2-normalised and the clamped
     per-head temperature is folded into q, so attention runs with ``scale`` 1.
 
     Args:
@@ -56,14 +56,14 @@ class WindowAttentionV2(WindowAttentionBase):
         num_heads: attention heads.
         qkv_bias: learn ``q_bias`` and ``v_bias`` (the key has none).
         attn_drop, proj_drop: dropout rates.
-        attn_impl: "auto", "sdpa" or "explicit" (see :class:`WindowAttentionBase`).
+        attn_impl: one of ``ATTN_IMPLS`` (see :class:`WindowAttentionBase`).
         pretrained_window_size: window the position bias was pretrained with (0: this window).
     """
 
     def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, attn_impl: str = "auto", pretrained_window_size: int = 0):
         super().__init__()
-        self.check_attn_impl(attn_impl)
+        self.check_attn_impl(attn_impl, attn_drop)
         self.dim = dim
         self.window_size = window_size
         self.pretrained_window_size = pretrained_window_size
@@ -87,12 +87,10 @@ class WindowAttentionV2(WindowAttentionBase):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def relative_position_bias(self) -> torch.Tensor:
-        """(num_heads, N, N): the MLP's bias for each offset, gathered per token pair, bounded by 16 * sigmoid."""
-        N = self.window_size ** 2
-        table = self.cpb_mlp(self.relative_coords_table).reshape(-1, self.num_heads)
-        bias = table[self.relative_position_index.reshape(-1)].reshape(N, N, self.num_heads).permute(2, 0, 1)
-        return CPB_BOUND * torch.sigmoid(bias)
+    def position_bias_table(self) -> torch.Tensor:
+        """((2 ws - 1)^2, num_heads): the MLP's bias for each offset, bounded by 16 * sigmoid. The reference bounds
+        the gathered (N, N) bias; bounding the table first gives the same values for (2 ws - 1)^2 rows, not N^2."""
+        return CPB_BOUND * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).reshape(-1, self.num_heads))
 
     def temperature(self) -> torch.Tensor:
         """(num_heads, 1, 1) multiplier of the cosine similarities, exp of the clamped learned log-temperature."""
@@ -170,7 +168,7 @@ class SwinTransformerV2(WindowTransformer):
         patch_size, in_chans, num_classes, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias,
         drop_rate, attn_drop_rate, drop_path_rate, ape, patch_norm, use_checkpoint: as the reference.
         pretrained_window_sizes: per stage, the window its position bias was pretrained with (0: its own).
-        attn_impl: "auto", "sdpa" or "explicit" attention (see WindowAttentionBase).
+        attn_impl: attention path, one of ``ATTN_IMPLS`` (see WindowAttentionBase).
         fused_window_process: use the fused roll + partition kernel where it is available.
     """
 

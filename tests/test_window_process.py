@@ -215,3 +215,17 @@ def test_cuda_source_compiles_with_plain_nvcc(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr}"
     assert (tmp_path / "window_process_cuda.o").stat().st_size > 0
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ on PATH")
+def test_cuda_launch_plan_moves_every_element_once(tmp_path):
+    # The CUDA kernel cannot run without a GPU, but its launch plan and per-thread index arithmetic are plain C++
+    # (window_process_cuda_plan.h): this runs every thread of the launch on the CPU, in the kernel's loop order, for
+    # the Swin-T stage shapes and odd ones, every vector width, the planned grid and a 3x3 grid (grid-stride loops).
+    source = os.path.join(os.path.dirname(__file__), "cpp", "window_process_cuda_plan_check.cpp")
+    binary = tmp_path / "plan_check"
+    build = subprocess.run(["g++", "-O2", "-std=c++17", "-I", CSRC_DIR, source, "-o", str(binary)],
+                           capture_output=True, text=True, check=False)
+    assert build.returncode == 0, build.stderr
+    result = subprocess.run([str(binary)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout + result.stderr
