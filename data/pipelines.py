@@ -119,6 +119,10 @@ class DeviceItems(Dataset):
         payload, label, used = self.source.read(index, read_for_device)
         return device_item(payload, used, seed, self.transform), label
 
+    def __getitems__(self, items: Sequence[Union[int, Tuple[int, int]]]) -> List[Tuple[DeviceItem, int]]:
+        self.source.prefetch([item[0] if isinstance(item, tuple) else item for item in items])
+        return [self[item] for item in items]
+
 
 @dataclass
 class DeviceBatch:
