@@ -1,4 +1,5 @@
-"""Loader speed: decode + the full training transform, ours against torchvision's ImageFolder.
+"""Loader speed: decode + the full training transform, ours against torchvision's ImageFolder, from folders, zip
+files and tar shards (local, and over HTTP from a local server).
 
     python benchmarks/bench_data.py [--num-images 320] [--workers 0 2] [--repeats 5] [--json out.json]
     python benchmarks/bench_data.py --pipeline device [--device cuda] [--workers 1 2]
@@ -11,21 +12,26 @@ costs (workers plus main process, from /proc) and the device time per batch (CUD
 the CPU).
 
 Writes full-size JPEGs (500x375, smooth random content plus grain, quality 90) into a temporary folder
-dataset, also converts it to the zip layout, and times one pass over all images per loader with the
+dataset, also converts it to the zip layout and to tar shards (``tools/make_shards.py``; also read over HTTP from
+``tools/serve_shards.py`` in a process of its own, on this machine), and times one pass over all images per loader with the
 reference training transform at 224 px (RandomResizedCrop bicubic, flip, RandAugment m9, random
 erasing, normalisation). Every variant uses the same images, order and augmentation seeds; the variants
 are interleaved and each figure is the median over the repeats. Files are read from the page cache
 after the warm-up pass, so this measures CPU cost, not disk speed. Every process uses one torch thread.
 """
 import argparse
+import contextlib
 import json
 import os
 import random
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List
+import urllib.request
+from typing import Dict, Iterator, List
 
 import numpy as np
 import torch
@@ -33,14 +39,18 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 from config import load_config  # noqa: E402
 from data import Pipeline, build_dataset, build_transform, make_zip_dataset  # noqa: E402
 from data.pipelines import DeviceLoader  # noqa: E402
-from data.samplers import SeededSampler, DistributedTrainSampler  # noqa: E402
+from data.samplers import DistributedTrainSampler, SeededSampler, ShardOrderSampler  # noqa: E402
+from data.shards import ShardDataset  # noqa: E402
+from data.shard_writer import make_shards  # noqa: E402
 
 NUM_CLASSES = 10
+SHARD_BYTES = 8 * 10 ** 6
 
 
 def write_images(root: str, num_images: int, seed: int = 0) -> None:
@@ -55,6 +65,52 @@ def write_images(root: str, num_images: int, seed: int = 0) -> None:
             folder = os.path.join(root, split, f"class{label:02d}")
             os.makedirs(folder, exist_ok=True)
             Image.fromarray(image).save(os.path.join(folder, f"{index:05d}.jpg"), quality=90)
+
+
+def write_sources(root: str, num_images: int) -> None:
+    """The benchmark images in the folder layout (``root/train``), the zip layout and as shards (``root/shards``)."""
+    write_images(root, num_images)
+    make_zip_dataset(root, root)
+    make_shards(root, os.path.join(root, "shards"), SHARD_BYTES, layout="folder")
+
+
+@contextlib.contextmanager
+def shard_server(root: str, num_images: int) -> Iterator[str]:
+    """Writes the sources (:func:`write_sources`) and serves ``root`` over HTTP with byte ranges from
+    tools/serve_shards.py, in a process of its own; yields its URL."""
+    write_sources(root, num_images)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "serve_shards.py"), root, "--port",
+                               str(port)], stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/shards/train/index.json", timeout=5).read()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def source_datasets(root: str, url: str, opts: List[str], zip_cache_modes=("no", "full")) -> Dict[str, Dataset]:
+    """Our training datasets over the same images: folder, zip (each cache mode), shards, shards over HTTP."""
+    datasets: Dict[str, Dataset] = {"ours, folder": build_dataset(True, load_config(None, opts))}
+    for cache_mode in zip_cache_modes:
+        zip_opts = ["DATA.ZIP_MODE", "True", "DATA.CACHE_MODE", cache_mode]
+        datasets[f"ours, zip (cache {cache_mode})"] = build_dataset(True, load_config(None, opts + zip_opts))
+    for name, path in (("ours, shards", os.path.join(root, "shards")), ("ours, shards over HTTP", f"{url}/shards")):
+        shard_opts = ["DATA.DATASET", "shards", "DATA.DATA_PATH", path]
+        datasets[name] = build_dataset(True, load_config(None, opts + shard_opts))
+    return datasets
 
 
 class Timer:
@@ -98,7 +154,8 @@ class PipelineTimer:
     def __init__(self, dataset, pipeline: str, workers: int, batch_size: int, device: torch.device):
         self.pipeline = Pipeline(pipeline, device)
         self.device = device
-        sampler = DistributedTrainSampler(len(dataset), seed=0)
+        sampler = (ShardOrderSampler(dataset.shard_sizes) if isinstance(dataset, ShardDataset)
+                   else DistributedTrainSampler(len(dataset), seed=0))
         loader = DataLoader(self.pipeline.worker_dataset(dataset), batch_size=batch_size,
                             sampler=SeededSampler(sampler, seed=0), num_workers=workers,
                             collate_fn=self.pipeline.collate_fn, persistent_workers=workers > 0,
@@ -155,13 +212,10 @@ class PipelineTimer:
 def pipelines_main(args: argparse.Namespace) -> int:
     """``--pipeline device``: the device pipeline against the workers pipeline on the same images."""
     device = torch.device(args.device)
-    with tempfile.TemporaryDirectory(prefix="bench_data_") as root:
-        write_images(root, args.num_images)
-        make_zip_dataset(root, root)
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as root, shard_server(root, args.num_images) as url:
         opts = ["DATA.DATA_PATH", root, "MODEL.NUM_CLASSES", str(NUM_CLASSES), "DATA.IMG_SIZE", "224"]
-        datasets = {"folder": build_dataset(True, load_config(None, opts)),
-                    "zip (cache full)": build_dataset(True, load_config(None, opts + ["DATA.ZIP_MODE", "True",
-                                                                                      "DATA.CACHE_MODE", "full"]))}
+        datasets = {name.replace("ours, ", ""): dataset
+                    for name, dataset in source_datasets(root, url, opts, zip_cache_modes=("full",)).items()}
         timers = {(name, pipeline, workers): PipelineTimer(dataset, pipeline, workers, args.batch_size, device)
                   for name, dataset in datasets.items() for pipeline in ("workers", "device")
                   for workers in args.workers}
@@ -216,18 +270,13 @@ def main() -> int:
     if args.pipeline == "device":
         return pipelines_main(args)
 
-    with tempfile.TemporaryDirectory(prefix="bench_data_") as root:
-        write_images(root, args.num_images)
-        make_zip_dataset(root, root)
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as root, shard_server(root, args.num_images) as url:
         opts = ["DATA.DATA_PATH", root, "MODEL.NUM_CLASSES", str(NUM_CLASSES), "DATA.IMG_SIZE", "224"]
         transform = build_transform(True, load_config(None, opts))
         datasets: Dict[str, Dataset] = {
             "torchvision ImageFolder": ImageFolder(os.path.join(root, "train"), transform=transform),
-            "ours, folder": build_dataset(True, load_config(None, opts)),
+            **source_datasets(root, url, opts),
         }
-        for cache_mode in ("no", "full"):
-            zip_opts = ["DATA.ZIP_MODE", "True", "DATA.CACHE_MODE", cache_mode]
-            datasets[f"ours, zip (cache {cache_mode})"] = build_dataset(True, load_config(None, opts + zip_opts))
         timers = {(name, workers): Timer(dataset, workers, args.batch_size)
                   for name, dataset in datasets.items() for workers in args.workers}
         for repeat in range(1, args.repeats + 1):
@@ -247,11 +296,12 @@ def main() -> int:
     print(f"{args.num_images} JPEGs 500x375, training transform at 224 px, batch {args.batch_size}, "
           f"median of {args.repeats}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at the end")
-    print(f"{'loader':<26}{'workers':>8}{'images/s':>10}{'per worker':>12}{'vs ImageFolder':>16}")
+    ours = {r["num_workers"]: r["images_per_s"] for r in results if r["loader"] == "ours, folder"}
+    print(f"{'loader':<26}{'workers':>8}{'images/s':>10}{'per worker':>12}{'vs ImageFolder':>16}{'vs our folder':>15}")
     for r in results:
         ratio = r["images_per_s"] / reference[r["num_workers"]]
         print(f"{r['loader']:<26}{r['num_workers']:>8}{r['images_per_s']:>10.1f}"
-              f"{r['images_per_s_per_worker']:>12.1f}{ratio:>15.2f}x")
+              f"{r['images_per_s_per_worker']:>12.1f}{ratio:>15.2f}x{r['images_per_s'] / ours[r['num_workers']]:>14.2f}x")
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"num_images": args.num_images, "batch_size": args.batch_size, "repeats": args.repeats,
