@@ -3,18 +3,19 @@ files and tar shards (local, and over HTTP from a local server).
 
     python benchmarks/bench_data.py [--num-images 320] [--workers 0 2] [--repeats 5] [--json out.json]
     python benchmarks/bench_data.py --pipeline device [--device cuda] [--workers 1 2]
+    python benchmarks/bench_data.py --write [--num-images 2000] [--workers 1 2]
 
 ``--pipeline workers`` (the default) times the loaders whose workers decode and transform with PIL (timm's
 transform), ours and torchvision's ImageFolder. ``--pipeline device`` times DATA.PIPELINE device on the same
 images side by side with the workers pipeline: what the workers deliver alone (bytes and parameters: images/s per
 worker), the whole pipeline with decoding and the transform on ``--device`` (images/s), the CPU seconds each image
 costs (workers plus main process, from /proc) and the device time per batch (CUDA events on a GPU, wall time on
-the CPU).
+the CPU). ``--write`` times the writers instead: the zip layout, and shards with each ``--workers`` processes.
 
-Writes full-size JPEGs (500x375, smooth random content plus grain, quality 90) into a temporary folder
-dataset, also converts it to the zip layout and to tar shards (``tools/make_shards.py``; also read over HTTP from
-``tools/serve_shards.py`` in a process of its own, on this machine), and times one pass over all images per loader with the
-reference training transform at 224 px (RandomResizedCrop bicubic, flip, RandAugment m9, random
+Writes full-size JPEGs (500x375, smooth random content plus grain, quality 90) into a temporary folder dataset,
+also converts it to the zip layout and to tar shards (``tools/make_shards.py``; also read over HTTP from
+``tools/serve_shards.py`` in a process of its own, on this machine), and times one pass over all images per loader
+with the reference training transform at 224 px (RandomResizedCrop bicubic, flip, RandAugment m9, random
 erasing, normalisation). Every variant uses the same images, order and augmentation seeds; the variants
 are interleaved and each figure is the median over the repeats. Files are read from the page cache
 after the warm-up pass, so this measures CPU cost, not disk speed. Every process uses one torch thread.
@@ -24,6 +25,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from functools import partial
 from typing import Dict, Iterator, List
 
 import numpy as np
@@ -253,6 +256,38 @@ def pipelines_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_main(args: argparse.Namespace) -> int:
+    """``--write``: how long writing the zip layout and the shards takes, per image and per MB of images."""
+    with tempfile.TemporaryDirectory(prefix="bench_write_") as root:
+        write_images(os.path.join(root, "source"), args.num_images)
+        source = os.path.join(root, "source")
+        megabytes = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in
+                        os.walk(os.path.join(source, "train")) for name in names) / 1e6
+        writers = {"zip (make_zip_dataset.py)": lambda out: make_zip_dataset(source, out, splits=["train"])}
+        for workers in args.workers:
+            writers[f"shards, {max(workers, 1)} process(es)"] = partial(_write_shards, source, workers=max(workers, 1))
+        seconds: Dict[str, List[float]] = {name: [] for name in writers}
+        for repeat in range(args.repeats):
+            for name, write in writers.items():  # interleaved
+                out = os.path.join(root, f"out{repeat}_{len(seconds[name])}_{name[:3]}")
+                start = time.perf_counter()
+                write(out)
+                seconds[name].append(time.perf_counter() - start)
+                shutil.rmtree(out)
+    print(f"writing {args.num_images} JPEGs 500x375 ({megabytes:.1f} MB, {1e3 * megabytes / args.num_images:.0f} KB "
+          f"each) from the page cache, median of {args.repeats}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f} at the end")
+    print(f"{'writer':<30}{'seconds':>9}{'images/s':>10}{'MB/s':>8}")
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        print(f"{name:<30}{median:>9.2f}{args.num_images / median:>10.1f}{megabytes / median:>8.1f}")
+    return 0
+
+
+def _write_shards(source: str, out: str, workers: int) -> None:
+    make_shards(source, out, SHARD_BYTES, layout="folder", splits=["train"], workers=workers)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=320)
@@ -263,10 +298,14 @@ def main() -> int:
     parser.add_argument("--pipeline", choices=["workers", "device"], default="workers",
                         help="workers: PIL loaders against ImageFolder; device: DATA.PIPELINE device against workers")
     parser.add_argument("--device", default="cpu", help="where the device pipeline decodes and augments (cuda)")
+    parser.add_argument("--write", action="store_true", help="time the zip and shard writers instead (--workers: "
+                                                             "processes writing shards)")
     args = parser.parse_args()
     # DataLoader workers run with one torch thread; the main process does too, so that every row measures
     # what one core does (two threads on a busy 2-core machine made small tensor ops ten times slower).
     torch.set_num_threads(1)
+    if args.write:
+        return write_main(args)
     if args.pipeline == "device":
         return pipelines_main(args)
 
@@ -299,9 +338,9 @@ def main() -> int:
     ours = {r["num_workers"]: r["images_per_s"] for r in results if r["loader"] == "ours, folder"}
     print(f"{'loader':<26}{'workers':>8}{'images/s':>10}{'per worker':>12}{'vs ImageFolder':>16}{'vs our folder':>15}")
     for r in results:
-        ratio = r["images_per_s"] / reference[r["num_workers"]]
+        ratio, to_ours = r["images_per_s"] / reference[r["num_workers"]], r["images_per_s"] / ours[r["num_workers"]]
         print(f"{r['loader']:<26}{r['num_workers']:>8}{r['images_per_s']:>10.1f}"
-              f"{r['images_per_s_per_worker']:>12.1f}{ratio:>15.2f}x{r['images_per_s'] / ours[r['num_workers']]:>14.2f}x")
+              f"{r['images_per_s_per_worker']:>12.1f}{ratio:>15.2f}x{to_ours:>14.2f}x")
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"num_images": args.num_images, "batch_size": args.batch_size, "repeats": args.repeats,

@@ -1,9 +1,9 @@
 """Datasets and loaders from the config: the entry points the training driver calls.
 
 The data flows one way through the package: a source of images (``datasets``, with ``layout``, ``ziparchive``;
-``shards`` for tar shards; ``simmim`` picks SimMIM's sources) -> decoding (``decode``) -> the transform (``transforms``, ``masking``, and on
-the device ``device_transforms`` with ``device_ops``) -> a pipeline and its loader (``pipelines``, ``samplers``)
--> this module, which builds them from the config.
+``shards`` for tar shards; ``simmim`` picks SimMIM's sources) -> decoding (``decode``) -> the transform
+(``transforms``, ``masking``, and on the device ``device_transforms`` with ``device_ops``) -> a pipeline and its
+loader (``pipelines``, ``samplers``) -> this module, which builds them from the config.
 """
 import atexit
 import logging

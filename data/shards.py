@@ -399,6 +399,9 @@ class ShardDataset(ImageDataset):
             return ShardError(f"shard read failed: {where} ({type(result).__name__}: {result})")
         if len(result) < TAR_BLOCK + size:
             return ShardError(f"shard truncated: {where} is cut off (the shard ends before the sample does)")
+        if len(result) > TAR_BLOCK + size:
+            return ShardError(f"shard read failed: {where}: {len(result)} bytes came for a range of {TAR_BLOCK + size} "
+                              "(a server that does not answer Range requests sends the whole file)")
         problem = check_member_header(result[:TAR_BLOCK], size)
         if problem:
             return ShardError(f"shard does not match the index: {where}: {problem}. Copy the shards the index was "

@@ -7,6 +7,7 @@ The data: 100 training and 30 validation digits (32x32 JPEGs) in the folder, zip
 as shards of 8 KB (about 6 samples each, so that an epoch crosses many shards).
 """
 import hashlib
+import http.server
 import json
 import logging
 import os
@@ -449,6 +450,21 @@ def test_a_url_failing_mid_read_is_retried_then_follows_the_policy(shards, caplo
         assert stalled.read(4)[1] == unreadable_label(4)
         assert time.time() - started < 10
         FlakyHandler.plan = []
+
+
+class NoRangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Python's own file server: it answers a range request with the whole file."""
+
+    def log_message(self, format, *args):  # noqa: A002
+        pass
+
+
+def test_a_server_without_range_requests_is_named(shards, caplog):
+    with serve_folder(shards, NoRangeHandler) as url:
+        dataset = val_dataset(url)
+        with caplog.at_level(logging.WARNING):
+            assert dataset.read(0)[1] == unreadable_label(0)
+    assert "a server that does not answer Range requests sends the whole file" in caplog.text
 
 
 # --------------------------------------------------------------------------- whole runs

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data import DataError  # noqa: E402
 from data.shard_writer import DEFAULT_SHARD_BYTES, LAYOUTS, make_shards, verify_shards  # noqa: E402
-from make_zip_dataset import ProgressLine  # noqa: E402  (this folder is on the path when a tool runs)
+from make_zip_dataset import ProgressLine, run_writer  # noqa: E402  (this folder is on the path when a tool runs)
 
 _UNITS = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12, "KI": 2 ** 10, "MI": 2 ** 20,
           "GI": 2 ** 30, "TI": 2 ** 40}
@@ -54,23 +54,20 @@ def main() -> int:
     parser.add_argument("--verify", action="store_true", help="check the shards of OUT against their index")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.verify:
-            return verify(args.out, args.splits)
-        if args.source is None:
-            parser.error("SOURCE is required unless --verify is given")
-        skipped = make_shards(args.source, args.out, args.shard_bytes, args.layout, args.splits, args.workers,
-                              args.seed, progress=ProgressLine())
-    except (DataError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if skipped:
-        print(f"finished; {len(skipped)} unreadable files were left out (listed above)", file=sys.stderr)
-    return 0
+    if args.verify:
+        return verify(args.out, args.splits)
+    if args.source is None:
+        parser.error("SOURCE is required unless --verify is given")
+    return run_writer(lambda: make_shards(args.source, args.out, args.shard_bytes, args.layout, args.splits,
+                                          args.workers, args.seed, progress=ProgressLine()))
 
 
 def verify(out: str, splits) -> int:
-    problems = [line for split in splits for line in verify_shards(os.path.join(out, split))]
+    try:
+        problems = [line for split in splits for line in verify_shards(os.path.join(out, split))]
+    except (DataError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     for line in problems:
         print(line, file=sys.stderr)
     if problems:
