@@ -1,7 +1,7 @@
 """Loader speed: decode + the full training transform, ours against torchvision's ImageFolder, from folders, zip
 files and tar shards (local, and over HTTP from a local server).
 
-    python benchmarks/bench_data.py [--num-images 320] [--workers 0 2] [--repeats 5] [--json out.json]
+    python benchmarks/bench_data.py [--num-images 320] [--workers 0 2] [--repeats 5] [--read-only] [--json out.json]
     python benchmarks/bench_data.py --pipeline device [--device cuda] [--workers 1 2]
     python benchmarks/bench_data.py --write [--num-images 2000] [--workers 1 2]
 
@@ -114,6 +114,30 @@ def source_datasets(root: str, url: str, opts: List[str], zip_cache_modes=("no",
         shard_opts = ["DATA.DATASET", "shards", "DATA.DATA_PATH", path]
         datasets[name] = build_dataset(True, load_config(None, opts + shard_opts))
     return datasets
+
+
+class RawBytes(Dataset):
+    """What reading a source costs, nothing decoded: each item is (the number of encoded bytes read, label); a batch
+    is fetched as the training loader fetches it (``prefetch``: concurrent requests over a URL)."""
+
+    def __init__(self, source: Dataset):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        if isinstance(self.source, ImageFolder):
+            path, label = self.source.samples[index]
+            with open(path, "rb") as file:
+                return len(file.read()), label
+        with self.source.open_image(index) as stream:
+            return len(stream.read()), int(self.source.labels[index])
+
+    def __getitems__(self, indices: List[int]):
+        if hasattr(self.source, "prefetch"):
+            self.source.prefetch(indices)
+        return [self[index] for index in indices]
 
 
 class Timer:
@@ -298,6 +322,7 @@ def main() -> int:
     parser.add_argument("--pipeline", choices=["workers", "device"], default="workers",
                         help="workers: PIL loaders against ImageFolder; device: DATA.PIPELINE device against workers")
     parser.add_argument("--device", default="cpu", help="where the device pipeline decodes and augments (cuda)")
+    parser.add_argument("--read-only", action="store_true", help="time reading the encoded bytes (no decoding)")
     parser.add_argument("--write", action="store_true", help="time the zip and shard writers instead (--workers: "
                                                              "processes writing shards)")
     args = parser.parse_args()
@@ -316,6 +341,8 @@ def main() -> int:
             "torchvision ImageFolder": ImageFolder(os.path.join(root, "train"), transform=transform),
             **source_datasets(root, url, opts),
         }
+        if args.read_only:
+            datasets = {name: RawBytes(dataset) for name, dataset in datasets.items()}
         timers = {(name, workers): Timer(dataset, workers, args.batch_size)
                   for name, dataset in datasets.items() for workers in args.workers}
         for repeat in range(1, args.repeats + 1):
@@ -332,7 +359,8 @@ def main() -> int:
             results.append({"loader": name, "num_workers": workers, "images_per_s": round(rate, 1),
                             "images_per_s_per_worker": round(rate / max(workers, 1), 1)})
     reference = {r["num_workers"]: r["images_per_s"] for r in results if r["loader"] == "torchvision ImageFolder"}
-    print(f"{args.num_images} JPEGs 500x375, training transform at 224 px, batch {args.batch_size}, "
+    what = "reading the encoded bytes only" if args.read_only else "training transform at 224 px"
+    print(f"{args.num_images} JPEGs 500x375, {what}, batch {args.batch_size}, "
           f"median of {args.repeats}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at the end")
     ours = {r["num_workers"]: r["images_per_s"] for r in results if r["loader"] == "ours, folder"}

@@ -88,12 +88,19 @@ class RangeRequestHandler(http.server.SimpleHTTPRequestHandler):
                 remaining -= len(chunk)
 
 
+class RangeServer(http.server.ThreadingHTTPServer):
+    """One thread per connection, and room for many connections waiting to be accepted: a loader worker opens one
+    per sample of its batch at once, and the default queue of 5 made the others wait for TCP's retransmissions."""
+
+    request_queue_size = 256
+    daemon_threads = True
+
+
 @contextlib.contextmanager
 def serve_folder(root: str, handler: type = RangeRequestHandler, host: str = "127.0.0.1",
                  port: int = 0) -> Iterator[str]:
     """Serves ``root`` from a thread for the duration of the block; yields its base URL (port 0: a free port)."""
-    server = http.server.ThreadingHTTPServer((host, port), partial(handler, directory=root))
-    server.daemon_threads = True
+    server = RangeServer((host, port), partial(handler, directory=root))
     thread = threading.Thread(target=server.serve_forever, name="serve_shards", daemon=True)
     thread.start()
     try:
