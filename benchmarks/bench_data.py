@@ -150,17 +150,25 @@ class Timer:
                                  persistent_workers=workers > 0, generator=generator)
         self.size = len(dataset)
         self.seconds: List[float] = []
+        self.cpu_seconds: List[float] = []
         self.run(seed=0)  # warm-up: starts the workers, fills the page cache
         self.seconds.clear()
+        self.cpu_seconds.clear()
 
     def run(self, seed: int) -> None:
-        """Times one pass over the dataset."""
+        """Times one pass over the dataset, in wall time and in CPU time of the workers (of the main process when
+        it loads alone): the CPU time hardly changes with what other processes do on the machine."""
         random.seed(seed)  # the augmentation state of the main process (num_workers 0)
         np.random.seed(seed)
         torch.manual_seed(seed)
-        start = time.perf_counter()
+        iter(self.loader)  # starts the persistent workers on the first pass
+        iterator = getattr(self.loader, "_iterator", None)
+        pids = [w.pid for w in getattr(iterator, "_workers", [])] if iterator is not None else []
+        pids = pids or [os.getpid()]
+        cpu, start = cpu_seconds(pids), time.perf_counter()
         count = sum(len(labels) for _, labels in self.loader)
         self.seconds.append(time.perf_counter() - start)
+        self.cpu_seconds.append(cpu_seconds(pids) - cpu)
         assert count == self.size
 
 
@@ -349,6 +357,7 @@ def main() -> int:
             for timer in timers.values():  # interleaved, so that load from elsewhere hits all variants alike
                 timer.run(seed=repeat)
         timers_seconds = {key: timer.seconds for key, timer in timers.items()}
+        timers_cpu = {key: timer.cpu_seconds for key, timer in timers.items()}
         del timers  # stops the workers before the folder is removed
 
     results = []
@@ -356,19 +365,23 @@ def main() -> int:
         for workers in args.workers:
             median = statistics.median(timers_seconds[(name, workers)])
             rate = args.num_images / median
+            cpu_ms = 1000 * statistics.median(timers_cpu[(name, workers)]) / args.num_images
             results.append({"loader": name, "num_workers": workers, "images_per_s": round(rate, 1),
-                            "images_per_s_per_worker": round(rate / max(workers, 1), 1)})
+                            "images_per_s_per_worker": round(rate / max(workers, 1), 1),
+                            "cpu_ms_per_image": round(cpu_ms, 4)})
     reference = {r["num_workers"]: r["images_per_s"] for r in results if r["loader"] == "torchvision ImageFolder"}
     what = "reading the encoded bytes only" if args.read_only else "training transform at 224 px"
     print(f"{args.num_images} JPEGs 500x375, {what}, batch {args.batch_size}, "
           f"median of {args.repeats}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at the end")
     ours = {r["num_workers"]: r["images_per_s"] for r in results if r["loader"] == "ours, folder"}
-    print(f"{'loader':<26}{'workers':>8}{'images/s':>10}{'per worker':>12}{'vs ImageFolder':>16}{'vs our folder':>15}")
+    print("CPU ms/img: CPU time of the loader workers per image (of the main process with 0 workers)")
+    print(f"{'loader':<26}{'workers':>8}{'images/s':>10}{'per worker':>12}{'vs ImageFolder':>16}{'vs our folder':>15}"
+          f"{'CPU ms/img':>12}")
     for r in results:
         ratio, to_ours = r["images_per_s"] / reference[r["num_workers"]], r["images_per_s"] / ours[r["num_workers"]]
         print(f"{r['loader']:<26}{r['num_workers']:>8}{r['images_per_s']:>10.1f}"
-              f"{r['images_per_s_per_worker']:>12.1f}{ratio:>15.2f}x{to_ours:>14.2f}x")
+              f"{r['images_per_s_per_worker']:>12.1f}{ratio:>15.2f}x{to_ours:>14.2f}x{r['cpu_ms_per_image']:>12.4f}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"num_images": args.num_images, "batch_size": args.batch_size, "repeats": args.repeats,

@@ -113,10 +113,10 @@ def _transient(error: BaseException) -> bool:
 
 
 class ShardStore:
-    """Reads whole files and byte ranges of the files of one split folder, local or at a URL.
+    """Reads whole files, and samples (a tar header and the data after it), of one split folder, local or at a URL.
 
-    Local files are read with ``os.pread`` on a handle kept per shard; URLs through fsspec, whose ranges are fetched
-    concurrently (``cat_ranges``). Handles and the fsspec file system belong to the process that opened them: a
+    Local files are read with ``os.pread`` on a handle kept per shard; URLs through fsspec, one range request per
+    sample, all of a batch at once (``cat_ranges``). Handles and the fsspec file system belong to the process that opened them: a
     forked loader worker opens its own.
 
     Args:
@@ -176,18 +176,26 @@ class ShardStore:
             return os.fstat(self._handle(name)).st_size
         return int(self._fs.size(self._remote(name)))
 
-    def read_ranges(self, names: Sequence[str], starts: Sequence[int],
-                    ends: Sequence[int]) -> List[Union[bytes, BaseException]]:
-        """Bytes ``starts[i]:ends[i]`` of file ``names[i]`` for each i, or the error that reading them raised
-        (after the retries, for a transient one). Fewer bytes than asked for means the file ends earlier."""
+    def read_samples(self, names: Sequence[str], offsets: Sequence[int],
+                     sizes: Sequence[int]) -> List[Union[Tuple[bytes, bytes], BaseException]]:
+        """For each i, the 512 bytes before byte ``offsets[i]`` of file ``names[i]`` (a sample's tar header) and the
+        ``sizes[i]`` bytes from there (its data), or the error that reading them raised (after the retries, for a
+        transient one). Shorter bytes than asked for mean the file ends earlier.
+
+        Over a URL each sample is one range request (header and data together), all of them at once; a local file is
+        read with two ``pread`` calls per sample, which costs less than copying the data out of one buffer.
+        """
         self._own()
         if not self.remote:
-            return [self._try(self._pread, name, start, end) for name, start, end in zip(names, starts, ends)]
+            return [self._try(self._pread_sample, name, offset, size)
+                    for name, offset, size in zip(names, offsets, sizes)]
 
         def fetch(positions: Sequence[int]) -> List[Union[bytes, BaseException]]:
-            return self._fs.cat_ranges([self._remote(names[i]) for i in positions], [int(starts[i]) for i in positions],
-                                       [int(ends[i]) for i in positions], on_error="return")
-        return self._with_retries(fetch, list(range(len(names))))
+            return self._fs.cat_ranges([self._remote(names[i]) for i in positions],
+                                       [offsets[i] - TAR_BLOCK for i in positions],
+                                       [offsets[i] + sizes[i] for i in positions], on_error="return")
+        return [result if isinstance(result, BaseException) else (result[:TAR_BLOCK], result[TAR_BLOCK:])
+                for result in self._with_retries(fetch, list(range(len(names))))]
 
     @staticmethod
     def _try(function, *args) -> Union[bytes, BaseException]:
@@ -223,8 +231,9 @@ class ShardStore:
             handle = self._files[name] = os.open(self.path(name), os.O_RDONLY)
         return handle
 
-    def _pread(self, name: str, start: int, end: int) -> bytes:
-        return os.pread(self._handle(name), end - start, start)
+    def _pread_sample(self, name: str, offset: int, size: int) -> Tuple[bytes, bytes]:
+        handle = self._handle(name)
+        return os.pread(handle, TAR_BLOCK, offset - TAR_BLOCK), os.pread(handle, size, offset)
 
 
 @dataclass
@@ -388,31 +397,32 @@ class ShardDataset(ImageDataset):
         for shard, _ in located:
             if shard not in self._checked:
                 self._check_size(shard)
-        # With the tar header before the data, one range per sample also checks that the index matches the shard.
+        # Reading the tar header before each sample's data also checks that the index matches the shard.
         offsets = [int(self._offsets[index]) for index in indices]
         sizes = [int(self._sizes[index]) for index in indices]
-        results = self.store.read_ranges([self.index.shards[shard]["name"] for shard, _ in located],
-                                         [offset - TAR_BLOCK for offset in offsets],
-                                         [offset + size for offset, size in zip(offsets, sizes)])
+        results = self.store.read_samples([self.index.shards[shard]["name"] for shard, _ in located], offsets, sizes)
         return [self._sample_bytes(result, shard, place, size)
                 for result, (shard, place), size in zip(results, located, sizes)]
 
-    def _sample_bytes(self, result: Union[bytes, BaseException], shard: int, place: int,
+    def _sample_bytes(self, result: Union[Tuple[bytes, bytes], BaseException], shard: int, place: int,
                       size: int) -> Union[bytes, BaseException]:
-        if not isinstance(result, BaseException) and len(result) == TAR_BLOCK + size:
-            problem = check_member_header(result[:TAR_BLOCK], size)
-            if not problem:
-                return result[TAR_BLOCK:]
+        problem = ""
+        if not isinstance(result, BaseException):
+            header, data = result
+            if len(header) == TAR_BLOCK and len(data) == size:
+                problem = check_member_header(header, size)
+                if not problem:
+                    return data
         where = f"{join(self.root, self.shard_name(shard))} sample {place}"
         if isinstance(result, FileNotFoundError):
             return ShardError(f"shard missing: {where} cannot be read: the shard is not there")
         if isinstance(result, BaseException):
             return ShardError(f"shard read failed: {where} ({type(result).__name__}: {result})")
-        if len(result) < TAR_BLOCK + size:
+        if len(header) < TAR_BLOCK or len(data) < size:
             return ShardError(f"shard truncated: {where} is cut off (the shard ends before the sample does)")
-        if len(result) > TAR_BLOCK + size:
-            return ShardError(f"shard read failed: {where}: {len(result)} bytes came for a range of {TAR_BLOCK + size} "
-                              "(a server that does not answer Range requests sends the whole file)")
+        if len(data) > size:
+            return ShardError(f"shard read failed: {where}: {TAR_BLOCK + len(data)} bytes came for a range of "
+                              f"{TAR_BLOCK + size} (a server that does not answer Range requests sends the whole file)")
         return ShardError(f"shard does not match the index: {where}: {problem}. Copy the shards the index was "
                           "written with, or write the shards again")
 

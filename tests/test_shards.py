@@ -274,6 +274,18 @@ def test_a_resumed_epoch_continues_at_the_same_sample(shards, pipeline):
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(epoch_batches(loaders, 2), straight))
 
 
+def test_every_sample_is_read_once_an_epoch_over_processes_and_workers(shards):
+    """Two processes with two loader workers each: the images the workers read (the device pipeline's batches carry
+    their indices) are every training image once, but for the drop_last remainder."""
+    config = shards_config(shards, "DATA.NUM_WORKERS", "2", "DATA.PIPELINE", "device")
+    read = []
+    for rank in range(2):
+        loaders = build_loader(config, rank=rank, world_size=2, device=torch.device("cpu"))
+        loaders.train_sampler.set_epoch(3)
+        read += [index for batch, _ in loaders.train_loader.loader for index in batch.indices]
+    assert len(read) == len(set(read)) == 2 * (50 // 8) * 8  # each process: 50 images, 6 full batches of 8
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_batches_over_http_equal_the_local_ones(shards, workers):
     local = build_loader(shards_config(shards, "DATA.NUM_WORKERS", str(workers)))
