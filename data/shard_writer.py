@@ -189,6 +189,9 @@ def write_shard(dataset: ImageDataset, folder: str, number: int, indices: np.nda
                 archive.addfile(_member(f"{key}.cls", len(text)), io.BytesIO(text))
 
     path = os.path.join(folder, name)
+    # A record only ever describes the shard file beside it: an old one goes before the shard is replaced.
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path[:-len(".tar")] + ".json")
     _write_atomically(path, write)
     record.update(samples=len(record["offsets"]), bytes=os.path.getsize(path), sha256=hashing[0].hash.hexdigest())
     _write_atomically(path[:-len(".tar")] + ".json", lambda file: file.write(json.dumps(record).encode("utf-8")))

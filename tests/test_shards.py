@@ -188,6 +188,36 @@ def test_a_killed_writer_leaves_no_whole_looking_shard_and_a_rerun_finishes_the_
             assert resumed.read() == unbroken.read(), name
 
 
+def test_a_shard_replaced_by_a_run_of_another_plan_is_not_kept_by_its_old_record(source, shards, tmp_path,
+                                                                                 monkeypatch):
+    """A run with another --shard-bytes renamed its shard 0 over the first run's and was killed before writing its
+    record: the first run's record must not vouch for that file."""
+    import data.shard_writer as writer
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    out = str(tmp_path / "out")
+    monkeypatch.setattr(writer, "_write_index", stopped)
+    with pytest.raises(KeyboardInterrupt):  # every shard and its record written, no index yet
+        make_shards(source, out, SHARD_BYTES, layout="folder", splits=["train"])
+    monkeypatch.undo()
+    original = writer._write_atomically
+
+    def killed_before_the_record(path, write):
+        if path.endswith(".json"):
+            raise KeyboardInterrupt
+        original(path, write)
+
+    monkeypatch.setattr(writer, "_write_atomically", killed_before_the_record)
+    with pytest.raises(KeyboardInterrupt):
+        make_shards(source, out, 2 * SHARD_BYTES, layout="folder", splits=["train"])
+    monkeypatch.setattr(writer, "_write_atomically", original)
+    make_shards(source, out, SHARD_BYTES, layout="folder", splits=["train"])
+    assert verify_shards(os.path.join(out, "train")) == []
+    assert contents(ShardDataset(os.path.join(out, "train"))) == contents(ShardDataset(os.path.join(shards, "train")))
+
+
 def test_verify_finds_a_changed_byte(shards, tmp_path):
     copy = copy_of(shards, tmp_path)
     assert verify_shards(os.path.join(copy, "val")) == []
