@@ -53,13 +53,14 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="the order of the samples in the shards")
     parser.add_argument("--verify", action="store_true", help="check the shards of OUT against their index")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    progress = ProgressLine()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[progress.handler()])
     if args.verify:
         return verify(args.out, args.splits)
     if args.source is None:
         parser.error("SOURCE is required unless --verify is given")
     return run_writer(lambda: make_shards(args.source, args.out, args.shard_bytes, args.layout, args.splits,
-                                          args.workers, args.seed, progress=ProgressLine()))
+                                          args.workers, args.seed, progress=progress))
 
 
 def verify(out: str, splits) -> int:
