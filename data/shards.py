@@ -116,8 +116,8 @@ class ShardStore:
     """Reads whole files, and samples (a tar header and the data after it), of one split folder, local or at a URL.
 
     Local files are read with ``os.pread`` on a handle kept per shard; URLs through fsspec, one range request per
-    sample, all of a batch at once (``cat_ranges``). Handles and the fsspec file system belong to the process that opened them: a
-    forked loader worker opens its own.
+    sample, all of a batch at once (``cat_ranges``). Handles and the fsspec file system belong to the process that
+    opened them: a forked loader worker opens its own.
 
     Args:
         root: the split folder or URL.

@@ -24,7 +24,7 @@ import torch
 
 from config import load_config
 from data.build import build_loader
-from data.datasets import FolderDataset, ZipDataset, unreadable_label
+from data.datasets import FolderDataset, unreadable_label
 from data.errors import DataError
 from data.layout import IMAGENET22K_TRAIN_LIST, IMAGENET22K_VAL_LIST
 from data.samplers import ShardOrderSampler
