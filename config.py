@@ -31,7 +31,7 @@ _C.BASE = [""]  # config files merged before this one, paths relative to this fi
 _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # per process
 _C.DATA.DATA_PATH = ""
-_C.DATA.DATASET = "imagenet"  # imagenet | imagenet22K | folder
+_C.DATA.DATASET = "imagenet"  # imagenet | imagenet22K | folder | shards (tar shards: tools/make_shards.py)
 _C.DATA.IMG_SIZE = 224
 _C.DATA.INTERPOLATION = "bicubic"  # random | bilinear | bicubic
 _C.DATA.ZIP_MODE = False  # read train.zip / val.zip with their map files
@@ -426,7 +426,7 @@ def _family(has_qk_scale: bool = False, has_qkv_bias: bool = True, v2: bool = Fa
 VALID: Dict[str, Valid] = {
     "BASE": Valid("strs"),
     "DATA.BATCH_SIZE": _int(1), "DATA.DATA_PATH": _STR,
-    "DATA.DATASET": _choice("imagenet", "imagenet22K", "folder"), "DATA.IMG_SIZE": _int(1),
+    "DATA.DATASET": _choice("imagenet", "imagenet22K", "folder", "shards"), "DATA.IMG_SIZE": _int(1),
     "DATA.INTERPOLATION": _choice(*_INTERPOLATIONS), "DATA.ZIP_MODE": _BOOL,
     "DATA.CACHE_MODE": _choice("no", "part", "full"), "DATA.PIN_MEMORY": _BOOL, "DATA.NUM_WORKERS": _int(0),
     "DATA.MASK_PATCH_SIZE": _int(1),

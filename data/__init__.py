@@ -1,6 +1,6 @@
 """Data pipeline: datasets for the reference layouts, transforms, Mixup, samplers and loaders.
 
-The flow, one module after the other: sources (``datasets``, ``layout``, ``ziparchive``, ``simmim``) ->
+The flow, one module after the other: sources (``datasets``, ``layout``, ``ziparchive``, ``shards``, ``simmim``) ->
 decoding (``decode``) -> transforms (``transforms``, ``masking``; on the device ``device_transforms``,
 ``device_ops``) -> the pipelines and their loaders (``pipelines``, ``samplers``) -> ``build``.
 
@@ -20,7 +20,8 @@ from data.digits import digits_ready, prepare_digits
 from data.errors import DataError
 from data.pipelines import Pipeline, resolve_pipeline
 from data.samplers import (DistributedTrainSampler, FixedSeedSampler, ResumableSampler, SeededSampler,
-                           ShardedEvalSampler, ShardTrainSampler)
+                           ShardedEvalSampler, ShardOrderSampler, ShardTrainSampler)
+from data.shards import ShardDataset
 from data.transforms import build_mixup, build_transform
 from data.ziparchive import make_zip_dataset
 
@@ -35,6 +36,8 @@ __all__ = [
     "Pipeline",
     "ResumableSampler",
     "SeededSampler",
+    "ShardDataset",
+    "ShardOrderSampler",
     "ShardTrainSampler",
     "ShardedEvalSampler",
     "ZipDataset",

@@ -1,9 +1,9 @@
 """Datasets and loaders from the config: the entry points the training driver calls.
 
 The data flows one way through the package: a source of images (``datasets``, with ``layout``, ``ziparchive``;
-``simmim`` picks SimMIM's sources) -> decoding (``decode``) -> the transform (``transforms``, ``masking``, and on
-the device ``device_transforms`` with ``device_ops``) -> a pipeline and its loader (``pipelines``, ``samplers``)
--> this module, which builds them from the config.
+``shards`` for tar shards; ``simmim`` picks SimMIM's sources) -> decoding (``decode``) -> the transform
+(``transforms``, ``masking``, and on the device ``device_transforms`` with ``device_ops``) -> a pipeline and its
+loader (``pipelines``, ``samplers``) -> this module, which builds them from the config.
 """
 import atexit
 import logging
@@ -22,10 +22,12 @@ from config import IMAGENET22K_NUM_CLASSES, ConfigError
 from data.datasets import FolderDataset, ImageDataset, ImageListDataset, Transform, ZipDataset
 from data.digits import digits_ready, holds_other_data, prepare_digits
 from data.errors import DataError
-from data.layout import FOLDER_LAYOUT, IMAGENET22K_LAYOUT, ZIP_LAYOUT, find_classes, read_map_file
+from data.layout import (FOLDER_LAYOUT, IMAGENET22K_LAYOUT, IMAGENET22K_TRAIN_LIST, IMAGENET22K_VAL_LIST, ZIP_LAYOUT,
+                         find_classes, read_map_file)
 from data.pipelines import Pipeline, resolve_pipeline
 from data.samplers import (DistributedTrainSampler, FixedSeedSampler, ResumableSampler, SeededSampler,
-                           ShardedEvalSampler, ShardTrainSampler)
+                           ShardedEvalSampler, ShardOrderSampler, ShardTrainSampler)
+from data.shards import INDEX_NAME, SHARDS_LAYOUT, ShardDataset, is_url, join
 from data.simmim import VAL_MASK_SEED, build_simmim_datasets
 from data.transforms import build_mixup, build_transform
 from preemption import ignore_stop_signals_in_worker
@@ -33,8 +35,6 @@ from utils import fail_together, get_rank, is_distributed
 
 logger = logging.getLogger(__name__)
 
-IMAGENET22K_TRAIN_LIST = "ILSVRC2011fall_whole_map_train.txt"
-IMAGENET22K_VAL_LIST = "ILSVRC2011fall_whole_map_val.txt"
 # Batches each worker prepares ahead (torch's default, stated so that it is a decision).
 PREFETCH_FACTOR = 2
 
@@ -78,11 +78,15 @@ def build_dataset(is_train: bool, config: CfgNode, rank: int = 0, world_size: in
     data_path = config.DATA.DATA_PATH
     dataset_name = config.DATA.DATASET
     layout = _expected_layout(config)
-    if not data_path or not os.path.isdir(data_path):
+    if not data_path or not (os.path.isdir(data_path) or (dataset_name == "shards" and is_url(data_path))):
         raise DataError(f"DATA.DATA_PATH {data_path!r} is not a folder. Set it with --data-path DIR."
                         f"\nExpected layout:{layout}")
     transform = build_transform(is_train, config)
-    if dataset_name == "imagenet22K":
+    if dataset_name == "shards":
+        if config.DATA.ZIP_MODE:
+            raise ConfigError("DATA.ZIP_MODE is for DATA.DATASET imagenet or folder, not shards")
+        dataset = _shard_dataset(is_train, config, transform)
+    elif dataset_name == "imagenet22K":
         if config.DATA.ZIP_MODE:
             raise ConfigError("DATA.ZIP_MODE is for DATA.DATASET imagenet or folder, not imagenet22K")
         dataset = _imagenet22k_dataset(is_train, config, transform)
@@ -92,7 +96,7 @@ def build_dataset(is_train: bool, config: CfgNode, rank: int = 0, world_size: in
         else:
             dataset = _folder_dataset(is_train, config, transform)
     else:
-        raise ConfigError(f"DATA.DATASET must be one of imagenet, imagenet22K, folder; got {dataset_name!r}")
+        raise ConfigError(f"DATA.DATASET must be one of imagenet, imagenet22K, folder, shards; got {dataset_name!r}")
     # Evaluation leaves unreadable images out (engine.validate counts them), so that none is counted twice.
     dataset.replace_unreadable = is_train
     logger.info("%s data: %d images, %d classes, from %s", "train" if is_train else "val", len(dataset),
@@ -145,7 +149,9 @@ def _train_loader(train_dataset: ImageDataset, config: CfgNode, rank: int, world
                   pipeline: Pipeline) -> Tuple[DataLoader, ResumableSampler]:
     """The training loader (full batches, resumable order, per-sample augmentation seeds) and its sampler."""
     train_sampler: ResumableSampler
-    if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == "part":
+    if isinstance(train_dataset, ShardDataset):
+        train_sampler = ShardOrderSampler(train_dataset.shard_sizes, rank, world_size, config.SEED)
+    elif config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == "part":
         train_sampler = ShardTrainSampler(len(train_dataset), rank, world_size, config.SEED)
     else:
         train_sampler = DistributedTrainSampler(len(train_dataset), rank, world_size, config.SEED)
@@ -225,6 +231,8 @@ def _data_loader(dataset: ImageDataset, sampler: Sampler, config: CfgNode, pipel
 def _expected_layout(config: CfgNode) -> str:
     if config.DATA.DATASET == "imagenet22K":
         return IMAGENET22K_LAYOUT
+    if config.DATA.DATASET == "shards":
+        return SHARDS_LAYOUT
     return ZIP_LAYOUT if config.DATA.ZIP_MODE else FOLDER_LAYOUT
 
 
@@ -266,6 +274,19 @@ def _zip_dataset(is_train: bool, config: CfgNode, transform: Transform, rank: in
     class_names = [str(label) for label in range(config.MODEL.NUM_CLASSES)]
     return ZipDataset(zip_path, names, labels, class_names, transform, config.DATA.MAX_BAD_FRACTION,
                       cache_indices)
+
+
+def _shard_dataset(is_train: bool, config: CfgNode, transform: Transform) -> ShardDataset:
+    dataset = ShardDataset(join(config.DATA.DATA_PATH, "train" if is_train else "val"), transform,
+                           config.DATA.MAX_BAD_FRACTION)
+    if is_train and len(dataset.class_names) != config.MODEL.NUM_CLASSES:
+        raise DataError(_class_count_message(config.MODEL.NUM_CLASSES, len(dataset.class_names),
+                                             f"{join(dataset.root, INDEX_NAME)} lists {len(dataset.class_names)} "
+                                             "classes"))
+    _check_labels(config.MODEL.NUM_CLASSES, dataset.labels, join(dataset.root, INDEX_NAME), exact=False)
+    logger.info("%s shards: %d in %s, content hash %s", "train" if is_train else "val", len(dataset.shard_sizes),
+                dataset.root, dataset.index.content_hash[:16])
+    return dataset
 
 
 def _imagenet22k_dataset(is_train: bool, config: CfgNode, transform: Transform) -> ImageListDataset:

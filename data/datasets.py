@@ -144,6 +144,15 @@ class ImageDataset(Dataset):
                 image = self.transform(image)
         return image, label
 
+    def __getitems__(self, items: Sequence[Union[int, Tuple[int, int]]]) -> List[Tuple[torch.Tensor, int]]:
+        """The items of a batch (the DataLoader asks for a whole batch at once): :meth:`prefetch`, then each item."""
+        self.prefetch([item[0] if isinstance(item, tuple) else item for item in items])
+        return [self[item] for item in items]
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Says that images ``indices`` are read next: a remote source fetches their bytes in one round of
+        concurrent requests instead of one request after the other. Nothing to do for local files."""
+
     def read(self, index: int, decode: Callable[[BinaryIO], Any] = decode_image) -> Tuple[Any, int, int]:
         """Image ``index`` read by ``decode`` under the unreadable-image policy (see the module docstring).
 
@@ -206,10 +215,7 @@ class ImageDataset(Dataset):
         """Logs and counts one unreadable image; raises DataError past the limit."""
         self.num_bad += 1
         self.last_bad = self.image_path(index)
-        logger.warning("unreadable image %s (%s: %s); %s. %d of %d images read in this process were unreadable.",
-                       self.last_bad, type(error).__name__, error,
-                       "using the next image instead" if self.replace_unreadable else "left out of the evaluation",
-                       self.num_bad, self.num_read)
+        self.warn_unreadable(index, error)
         if too_many_bad(self.num_bad, self.num_read, self.max_bad_fraction):
             raise DataError(
                 f"{self.num_bad} of the {self.num_read} images read in this process "
@@ -217,6 +223,13 @@ class ImageDataset(Dataset):
                 f"DATA.MAX_BAD_FRACTION = {self.max_bad_fraction}. The last one was {self.last_bad} "
                 f"({type(error).__name__}: {error}). Replace or delete the broken files (the warnings above "
                 f"list them), or raise the limit, e.g. --opts DATA.MAX_BAD_FRACTION 0.05.")
+
+    def warn_unreadable(self, index: int, error: BaseException) -> None:
+        """The warning for one unreadable image (a source that loses many at once may say it once)."""
+        logger.warning("unreadable image %s (%s: %s); %s. %d of %d images read in this process were unreadable.",
+                       self.image_path(index), type(error).__name__, error,
+                       "using the next image instead" if self.replace_unreadable else "left out of the evaluation",
+                       self.num_bad, self.num_read)
 
 
 class FilesDataset(ImageDataset):

@@ -27,6 +27,9 @@ ZIP_LAYOUT = """
     DATA_PATH/val_map.txt     the same for val.zip
   tools/make_zip_dataset.py SRC DST writes this layout from the folder layout."""
 
+IMAGENET22K_TRAIN_LIST = "ILSVRC2011fall_whole_map_train.txt"
+IMAGENET22K_VAL_LIST = "ILSVRC2011fall_whole_map_val.txt"
+
 IMAGENET22K_LAYOUT = """
     DATA_PATH/ILSVRC2011fall_whole_map_train.txt   JSON list of [image path relative to DATA_PATH, label int]
     DATA_PATH/ILSVRC2011fall_whole_map_val.txt     the same for the validation images"""

@@ -13,9 +13,9 @@ happens to the batch on the training device (:class:`Pipeline`):
   refuses (PNG, CMYK, progressive, damaged JPEGs) are decoded on the CPU with ``decode_image``, the workers
   pipeline's decoder; their number is logged once per epoch.
 
-A streaming source (shards) plugs in through the same per-sample functions: :meth:`Pipeline.worker_dataset`
-wraps a map-style source; an iterable source yields ``(data, label, index)`` and hands each to
-:func:`device_item` (device) or the PIL transform (workers).
+Tar shards (``data.shards``) are such a source: sample i is a byte range of one shard. A worker gets a whole batch
+of indices at once (``__getitems__``) and lets the source fetch their bytes together (``ImageDataset.prefetch``:
+concurrent range requests over a URL) before reading them one by one.
 """
 import collections
 import io
@@ -118,6 +118,10 @@ class DeviceItems(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, None)
         payload, label, used = self.source.read(index, read_for_device)
         return device_item(payload, used, seed, self.transform), label
+
+    def __getitems__(self, items: Sequence[Union[int, Tuple[int, int]]]) -> List[Tuple[DeviceItem, int]]:
+        self.source.prefetch([item[0] if isinstance(item, tuple) else item for item in items])
+        return [self[item] for item in items]
 
 
 @dataclass

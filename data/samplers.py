@@ -11,12 +11,17 @@ The position to save is what the training loop has consumed (completed steps tim
 not how far the sampler has been iterated: DataLoader workers fetch batches ahead of the loop.
 """
 import math
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 from data.errors import DataError
+
+# How far ShardOrderSampler moves a sample from its place in the sequence of shards: timm's shuffle buffer for tar
+# shards holds as many.
+SHUFFLE_WINDOW = 8192
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -101,11 +106,48 @@ class DistributedTrainSampler(ResumableSampler):
         self.seed = seed
 
     def epoch_indices(self, epoch: int) -> List[int]:
-        order = _permutation(self.size, self.seed + epoch)
+        order = self.epoch_order(epoch)
         total = self.num_samples * self.world_size
         while len(order) < total:
             order += order[:total - len(order)]
         return order[self.rank:total:self.world_size]
+
+    def epoch_order(self, epoch: int) -> List[int]:
+        """The whole dataset's order in ``epoch``, the same on every rank."""
+        return _permutation(self.size, self.seed + epoch)
+
+
+class ShardOrderSampler(DistributedTrainSampler):
+    """The training order of tar shards: the shards in a new random order each epoch, and each sample moved by
+    a random amount of at most ``window`` places in that sequence, so that neighbouring samples mix while the
+    reads stay within a few shards at a time (what a shuffle buffer of ``window`` samples does to a stream of
+    shards, but a pure function of the seed and the epoch). Rank r takes positions r, r + world_size, ... of the
+    order, as :class:`DistributedTrainSampler` does, so that every sample is read once per epoch over all ranks,
+    a resumed epoch skips exactly the samples done, also with another number of processes.
+
+    Args:
+        shard_sizes: the number of samples of each shard, in index order (shard k holds the samples that follow
+            those of shards 0 .. k-1).
+        rank: this process's rank.
+        world_size: the number of processes.
+        seed: the run's seed.
+        window: how far a sample may move from its place in the shard sequence.
+    """
+
+    def __init__(self, shard_sizes: Sequence[int], rank: int = 0, world_size: int = 1, seed: int = 0,
+                 window: int = SHUFFLE_WINDOW):
+        self.shard_sizes = np.asarray(shard_sizes, dtype=np.int64)
+        super().__init__(int(self.shard_sizes.sum()), rank, world_size, seed)
+        self.window = window
+
+    def epoch_order(self, epoch: int) -> List[int]:
+        generator = np.random.default_rng([self.seed % 2 ** 63, epoch])
+        starts = np.cumsum(self.shard_sizes) - self.shard_sizes
+        shards = generator.permutation(len(self.shard_sizes))
+        sequence = np.concatenate([np.arange(starts[k], starts[k] + self.shard_sizes[k]) for k in shards])
+        # Sorting positions jittered by up to `window` moves each sample at most that far, in one vectorised step.
+        jittered = np.arange(len(sequence)) + generator.uniform(0, self.window, len(sequence))
+        return sequence[np.argsort(jittered, kind="stable")].tolist()
 
 
 class ShardTrainSampler(ResumableSampler):

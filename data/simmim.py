@@ -6,7 +6,8 @@ Where the images are, for DATA.DATA_PATH:
 - ``--zip``: ``train.zip`` + ``train_map.txt`` (and ``val.zip`` + ``val_map.txt`` if present); labels unused.
 - a folder with ``train/`` (and optionally ``val/``): the images anywhere below each of them;
 - any other folder (the reference's pretraining passes ``imagenet/train`` itself): every image below it,
-  in class folders or not.
+  in class folders or not;
+- ``DATA.DATASET shards``: tar shards (``train/``, optionally ``val/``), in a folder or at a URL; labels unused.
 
 Without a validation split, "validation" measures the reconstruction loss on up to
 :data:`MAX_VAL_FROM_TRAIN` training images, evenly spaced through them, with the evaluation transform.
@@ -25,6 +26,7 @@ from data.datasets import FilesDataset, ImageDataset, Transform, ZipDataset
 from data.errors import DataError
 from data.layout import ZIP_LAYOUT, _folder_id, _images_under, read_map_file
 from data.masking import build_simmim_transform
+from data.shards import INDEX_NAME, ShardDataset, ShardStore, is_url, join
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,8 @@ VAL_MASK_SEED = 10 ** 9
 PRETRAIN_LAYOUT = """
     DATA_PATH/<any folders>/<image>     every image below DATA_PATH, labels (folders) ignored, or
     DATA_PATH/train/..., DATA_PATH/val/...   the class-folder layout (val/ optional), or
-    --zip: DATA_PATH/train.zip with train_map.txt (val.zip, val_map.txt optional)"""
+    --zip: DATA_PATH/train.zip with train_map.txt (val.zip, val_map.txt optional), or
+    DATA.DATASET shards: DATA_PATH/train/index.json ... (val/ optional), written by tools/make_shards.py"""
 
 
 class UnlabelledImageFolder(FilesDataset):
@@ -93,16 +96,32 @@ def _folder_split(config: CfgNode, split: str, transform: Transform) -> Optional
     return UnlabelledImageFolder(split_dir, transform, config.DATA.MAX_BAD_FRACTION)
 
 
+def _shard_split(root: str, transform: Transform, max_bad_fraction: float) -> Optional[ShardDataset]:
+    """The shards at ``root``, or None when there is no index there (a damaged one still stops the run)."""
+    store = ShardStore(root)
+    try:
+        store.read_file(INDEX_NAME)
+    except FileNotFoundError:
+        return None
+    except Exception:  # any other trouble is reported by load_index, with the file named
+        pass
+    return ShardDataset(root, transform, max_bad_fraction)
+
+
 def build_simmim_datasets(config: CfgNode, rank: int = 0,
                           world_size: int = 1) -> Tuple[ImageDataset, ImageDataset]:
     """The pretraining images and the validation images (see the module docstring), with their transforms."""
     data_path = config.DATA.DATA_PATH
-    if not data_path or not os.path.isdir(data_path):
+    shards = config.DATA.DATASET == "shards"
+    if not data_path or not (os.path.isdir(data_path) or (shards and is_url(data_path))):
         raise DataError(f"DATA.DATA_PATH {data_path!r} is not a folder. Set it with --data-path DIR."
                         f"\nExpected layout for pretraining:{PRETRAIN_LAYOUT}")
     train_transform = build_simmim_transform(True, config)
     eval_transform = build_simmim_transform(False, config)
-    if config.DATA.ZIP_MODE:
+    if shards:
+        train = ShardDataset(join(data_path, "train"), train_transform, config.DATA.MAX_BAD_FRACTION)
+        val = _shard_split(join(data_path, "val"), eval_transform, config.DATA.MAX_BAD_FRACTION)
+    elif config.DATA.ZIP_MODE:
         train = _zip_split(config, "train", train_transform, rank, world_size)
         val = _zip_split(config, "val", eval_transform, rank, world_size)
     else:

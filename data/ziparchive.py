@@ -258,12 +258,20 @@ def write_zip_split(split_dir: str, zip_path: str, map_path: str, class_names: S
 
 def _read_image_file(path: str) -> Optional[bytes]:
     """The bytes of an image file, or None (with a warning) when it cannot be read or is not an image."""
+    return read_image_bytes(path, lambda: open(path, "rb"))
+
+
+def read_image_bytes(name: str, open_stream: Callable[[], BinaryIO]) -> Optional[bytes]:
+    """The encoded bytes of image ``name`` from the stream ``open_stream()`` gives, or None (with a warning naming
+    it) when it cannot be read or is not an image by its header. The dataset writers' policy for bad files (the zip
+    and the shard writer): such files are left out and listed; the pixels are not decoded, which would take hours.
+    """
     try:
-        with open(path, "rb") as file:
-            data = file.read()
+        with open_stream() as stream:
+            data = stream.read()
         open_image(io.BytesIO(data))
     except UNREADABLE_ERRORS as error:
-        logger.warning("skipped %s: it cannot be read as an image (%s: %s)", path, type(error).__name__, error)
+        logger.warning("skipped %s: it cannot be read as an image (%s: %s)", name, type(error).__name__, error)
         return None
     return data
 

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from typing import Dict, List, Optional, TextIO
+from typing import Callable, Dict, List, Optional, TextIO
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -86,8 +86,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     progress = ProgressLine()
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[progress.handler()])
+    return run_writer(lambda: make_zip_dataset(args.src, args.dst, args.splits, progress=progress))
+
+
+def run_writer(write: Callable[[], List[str]]) -> int:
+    """Runs a dataset writer (it returns the files it left out) for the command line: exit status 2 and one line
+    for a source or output that cannot be used, else 0 and how many files were left out."""
     try:
-        skipped = make_zip_dataset(args.src, args.dst, args.splits, progress=progress)
+        skipped = write()
     except (DataError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
