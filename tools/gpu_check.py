@@ -119,7 +119,10 @@ def gpu_sizes() -> Sizes:
         demo_kill_at=(2, 10), demo_subset=None,
         torchrun_opts=["PRINT_FREQ", "5", "TRAIN.SAVE_ITERS", "5", "TRAIN.EPOCHS", "1"],
         bench_window=["--device", "cuda", "--dtypes", "float32", "float16", "bfloat16"],
-        bench_model=["--device", "cuda", "--batch", "128", "--settings", "bf16", "--variants", "default,fused"],
+        # Three eager attention variants against timm eager, then the fastest compiled against timm compiled
+        # while the step's time allows (--budget-s is set from it); the whole matrix is a call of its own (README).
+        bench_model=["--device", "cuda", "--batch", "128", "--matrix", "--quick", "--warmup", "3", "--iterations",
+                     "10"],
         throughput={"throughput-swin-t": ["--cfg", SWIN_T, "--batch-size", "128"],
                     "throughput-swin-b": ["--cfg", SWIN_B, "--batch-size", "128"]})
 
@@ -142,8 +145,9 @@ def smoke_sizes() -> Sizes:
         torchrun_opts=quick_demo + SMALL_MODEL + ["PRINT_FREQ", "5", "TRAIN.SAVE_ITERS", "10", "TRAIN.EPOCHS", "1"],
         bench_window=["--device", "cpu", "--dtypes", "float32", "--batch", "2", "--iters", "1", "--warmup", "1",
                       "--no-compile"],
-        bench_model=["--device", "cpu", "--batch", "1", "--img", "64", "--settings", "bf16", "--warmup", "1",
-                     "--iterations", "1", "--rounds", "1", "--no-memory", "--variants", "default,fused"],
+        bench_model=["--device", "cpu", "--model", "micro", "--batch", "2", "--matrix", "--quick",
+                     "--compile-backend", "aot_eager", "--warmup", "1", "--iterations", "1", "--rounds", "1",
+                     "--no-memory"],
         throughput={"throughput-swin-t": ["--cfg", SWIN_T, "--batch-size", "2", "--opts"] + toy
                     + ["MODEL.SWIN.EMBED_DIM", "24"],
                     "throughput-swin-b": ["--cfg", SWIN_B, "--batch-size", "2", "--opts"] + toy
@@ -466,9 +470,10 @@ def step_bench_window_process(ctx: Context) -> Dict[str, Any]:
 
 def step_bench_model(ctx: Context) -> Dict[str, Any]:
     output = os.path.join(ctx.work, "bench_model.json")
-    ctx.run([sys.executable, "benchmarks/bench_model.py", "--json", output] + ctx.sizes.bench_model)
+    budget = ["--budget-s", f"{max(ctx.remaining() - 15, 1):.0f}"] if ctx.args.device == "cuda" else []
+    ctx.run([sys.executable, "benchmarks/bench_model.py", "--json", output] + ctx.sizes.bench_model + budget)
     results = read_json(output)
-    results["summary"] = ", ".join(f"{row['setting']} {row['mode']} {row['variant']} "
+    results["summary"] = ", ".join(f"{row['setting']} {row['mode']} {row['variant']} {row.get('execution', '')} "
                                    f"{row['ours_images_per_second']:.1f} img/s ({row['ratio']:.2f}x timm)"
                                    for row in results["results"])
     return results
@@ -522,7 +527,7 @@ STEPS = [
          60, 180, quick=True),
     Step("throughput-swin-b", "main.py --throughput, Swin-B", lambda ctx: step_throughput(ctx, "throughput-swin-b"),
          60, 180),
-    Step("bench-model", "benchmarks/bench_model.py: ours against timm", step_bench_model, 180, 180),
+    Step("bench-model", "benchmarks/bench_model.py --matrix --quick: ours against timm", step_bench_model, 240, 180),
     Step("emulation-tests", "tests/test_gpu_emulation.py", step_emulation_tests, 120, 180),
 ]
 # The whole run's time budget on a GPU (seconds), and the least a step is started with.
@@ -739,13 +744,21 @@ def render_bench_model(details: Dict[str, Any]) -> List[str]:
     lines = [f"Swin-{details['model']} {details['img']} px, batch {details['batch']}, {details['device']}, torch "
              f"{details['torch']}; matmul peak fp32 {peaks['fp32'] / 1e12:.1f}, bf16 {peaks['bf16'] / 1e12:.1f} "
              "TFLOP/s", "",
-             "| setting | mode | ours | ours img/s | timm img/s | ours / timm | ours MFU | peak MB ours / timm |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| setting | mode | ours | execution | ours img/s | peer | peer img/s | ours / peer | ours MFU | compile s "
+             "ours / peer | peak MB ours / peer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in details["results"]:
-        lines.append(f"| {row['setting']} | {row['mode']} | {row['variant']} | {row['ours_images_per_second']:.1f} | "
+        lines.append(f"| {row['setting']} | {row['mode']} | {row['variant']} | {row.get('execution', 'eager')} | "
+                     f"{row['ours_images_per_second']:.1f} | {row.get('peer', 'timm')} | "
                      f"{row['timm_images_per_second']:.1f} | {row['ratio']:.2f} | {row['ours_mfu']:.1%} | "
+                     f"{seconds(row.get('compile_seconds'))} / {seconds(row.get('timm_compile_seconds'))} | "
                      f"{megabytes(row['ours_peak_mb'])} / {megabytes(row['timm_peak_mb'])} |")
+    lines += [f"- not measured: {line}" for line in details.get("not_measured", [])]
     return lines
+
+
+def seconds(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def megabytes(value: float) -> str:
