@@ -513,7 +513,7 @@ class Step:
 # the run's budget caps the total either way), and for --smoke on the CPU a guard against hangs (each smoke step
 # takes 5 to 30 s of one core on a quiet machine, several times that on a busy one). ``quick``: in --quick runs.
 STEPS = [
-    Step("gpu-tests", "the gpu-marked tests (python -m pytest -m gpu)", step_gpu_tests, 90, 180, quick=True),
+    Step("gpu-tests", "the gpu-marked tests (python -m pytest -m gpu)", step_gpu_tests, 120, 180, quick=True),
     Step("numerics", "forward and backward of each path against float32 explicit eager", step_numerics, 150, 180,
          quick=True),
     Step("demo-bfloat16", "the demo in bfloat16: kill, auto-resume, exact --eval",
